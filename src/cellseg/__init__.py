@@ -1,0 +1,8 @@
+"""cellseg: a reproducible DVC pipeline for instance segmentation of four cell classes in H&E images."""
+
+NUM_CLASSES = 4
+"""Cell classes (class1..class4); the models add one background class."""
+
+CLASS_NAMES = tuple(f"class{k}" for k in range(1, NUM_CLASSES + 1))
+
+__version__ = "0.1.0"

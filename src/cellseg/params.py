@@ -1,0 +1,290 @@
+"""The one documented configuration object, loaded from ``params.yaml``.
+
+``params.yaml`` is the single source of every setting: the dataclasses below declare the keys and their types
+but hold no default values, so a setting can never live only in code. Loading is strict: a missing key, an
+unknown key (often a typo such as ``aux.w_boundry``) or a value of the wrong type stops with a message that
+names the key. Each section checks its own values in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn")
+
+
+class ParamsError(ValueError):
+    """A parameter is missing, unknown, of the wrong type or out of range."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ParamsError(message)
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """Which raw dataset to use and how to split it."""
+
+    raw_dir: str
+    val_fraction: float
+    seed: int
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class SynthParams:
+    """The synthetic demo dataset (same layout and quirks as the real data)."""
+
+    seed: int
+    n_train: int
+    n_test: int
+    min_side: int
+    max_side: int
+    n_dense: int
+
+    def __post_init__(self) -> None:
+        _check(self.n_train >= 1, "synth.n_train must be >= 1")
+        _check(self.n_test >= 0, "synth.n_test must be >= 0")
+        _check(8 <= self.min_side <= self.max_side, "synth needs 8 <= min_side <= max_side")
+        _check(0 <= self.n_dense <= self.n_train, "synth.n_dense must be in [0, n_train]")
+
+
+@dataclass(frozen=True)
+class MapsParams:
+    """Auxiliary target maps."""
+
+    center_sigma: float
+    n_previews: int
+
+    def __post_init__(self) -> None:
+        _check(self.center_sigma > 0, "maps.center_sigma must be > 0")
+        _check(self.n_previews >= 0, "maps.n_previews must be >= 0")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Mask R-CNN architecture and its dense-scene settings."""
+
+    arch: str
+    pretrained: str
+    trainable_layers: int
+    resize: str
+    scale: float
+    min_size: int
+    max_size: int
+    anchor_sizes: list[int]
+    rpn_pre_nms_top_n_train: int
+    rpn_post_nms_top_n_train: int
+    rpn_pre_nms_top_n_test: int
+    rpn_post_nms_top_n_test: int
+    rpn_batch_size_per_image: int
+    box_batch_size_per_image: int
+    box_detections_per_img: int
+    box_score_thresh: float
+    box_nms_thresh: float
+
+    def __post_init__(self) -> None:
+        _check(self.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}; got {self.arch!r}")
+        _check(self.resize in ("scale", "min_max"), f"model.resize must be 'scale' or 'min_max'; got {self.resize!r}")
+        _check(self.scale > 0, "model.scale must be > 0")
+        _check(0 < self.min_size <= self.max_size, "model needs 0 < min_size <= max_size")
+        _check(0 <= self.trainable_layers <= 5, "model.trainable_layers must be in [0, 5]")
+        _check(len(self.anchor_sizes) == 5, "model.anchor_sizes needs 5 sizes, one per FPN level")
+        _check(all(a > 0 for a in self.anchor_sizes), "model.anchor_sizes must be positive")
+        for key in ("rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
+                    "rpn_post_nms_top_n_test", "rpn_batch_size_per_image", "box_batch_size_per_image",
+                    "box_detections_per_img"):
+            _check(getattr(self, key) >= 1, f"model.{key} must be >= 1")
+        _check(0.0 <= self.box_score_thresh < 1.0, "model.box_score_thresh must be in [0, 1)")
+        _check(0.0 < self.box_nms_thresh <= 1.0, "model.box_nms_thresh must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class AuxParams:
+    """Auxiliary centre/boundary heads: ``loss = L_maskrcnn + w_center·L_center + w_boundary·L_boundary``."""
+
+    enabled: bool
+    w_center: float
+    w_boundary: float
+    hidden_channels: int
+
+    def __post_init__(self) -> None:
+        _check(self.w_center >= 0, f"aux.w_center must be >= 0; got {self.w_center}")
+        _check(self.w_boundary >= 0, f"aux.w_boundary must be >= 0; got {self.w_boundary}")
+        _check(self.hidden_channels >= 1, "aux.hidden_channels must be >= 1")
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Training augmentation, applied jointly to image, instance masks and maps (validation gets none)."""
+
+    elastic_p: float
+    elastic_alpha: float
+    elastic_sigma: float
+    hflip_p: float
+    vflip_p: float
+    rotate90_p: float
+
+    def __post_init__(self) -> None:
+        for key in ("elastic_p", "hflip_p", "vflip_p", "rotate90_p"):
+            _check(0.0 <= getattr(self, key) <= 1.0, f"augment.{key} must be a probability in [0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """The optimisation loop."""
+
+    epochs: int
+    batch_size: int
+    crop_size: int
+    lr: float
+    weight_decay: float
+    grad_clip: float
+    workers: int
+    seed: int
+    device: str
+    amp: bool
+    eval_every: int
+    train_eval_images: int
+    resume: bool
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size must be >= 1")
+        _check(self.crop_size >= 32, "train.crop_size must be >= 32")
+        _check(self.lr > 0, "train.lr must be > 0")
+        _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
+        _check(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
+        _check(self.workers >= 0, "train.workers must be >= 0")
+        _check(self.device in ("auto", "cpu", "cuda", "mps"), "train.device must be auto, cpu, cuda or mps")
+        _check(self.eval_every >= 1, "train.eval_every must be >= 1")
+        _check(self.train_eval_images >= 0, "train.train_eval_images must be >= 0")
+
+
+@dataclass(frozen=True)
+class PredictParams:
+    """Inference and post-processing, shared by evaluation, submission and ``stages/predict.py``."""
+
+    score_threshold: float
+    mask_threshold: float
+    max_per_image: int
+    tile_size: int
+    tile_overlap: int
+    resolve_overlaps: bool
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.score_threshold < 1.0, "predict.score_threshold must be in [0, 1)")
+        _check(0.0 < self.mask_threshold < 1.0, "predict.mask_threshold must be in (0, 1)")
+        _check(self.max_per_image >= 1, "predict.max_per_image must be >= 1")
+        _check(self.tile_size >= 64, "predict.tile_size must be >= 64")
+        _check(0 <= self.tile_overlap < self.tile_size // 2, "predict.tile_overlap must be in [0, tile_size/2)")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """Validation scoring and its pictures."""
+
+    n_overlays: int
+
+    def __post_init__(self) -> None:
+        _check(self.n_overlays >= 0, "evaluate.n_overlays must be >= 0")
+
+
+@dataclass(frozen=True)
+class Params:
+    """Everything in ``params.yaml``."""
+
+    data: DataParams
+    synth: SynthParams
+    maps: MapsParams
+    model: ModelParams
+    aux: AuxParams
+    augment: AugmentParams
+    train: TrainParams
+    predict: PredictParams
+    evaluate: EvaluateParams
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Load and check ``params.yaml``. ``overrides`` maps dotted keys (``"train.epochs"``) to new values."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as err:
+        raise ParamsError(f"{path}: not found (run from the project root)") from err
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: invalid YAML ({err})") from err
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return _from_dict(Params, raw, "")
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ParamsError(f"{where or 'top level'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ParamsError(f"unknown key(s) {', '.join(_join(where, k) for k in unknown)}")
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise ParamsError(f"missing key(s) {', '.join(_join(where, k) for k in missing)}")
+    kwargs = {}
+    for name in names:
+        key, kind = _join(where, name), hints[name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = _from_dict(kind, data[name], key)
+        else:
+            kwargs[name] = _coerce(data[name], kind, key)
+    return cls(**kwargs)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """Check ``value`` against a simple type (bool, int, float, str, list[...]); ints are accepted as floats."""
+    origin = typing.get_origin(kind)
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if not isinstance(value, list):
+            raise ParamsError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported union type for {key}")
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is str:
+        ok = isinstance(value, str)
+    else:
+        raise TypeError(f"unsupported parameter type {kind} for {key}")
+    if not ok:
+        raise ParamsError(f"{key} must be {kind.__name__}, got {value!r}")
+    return value
