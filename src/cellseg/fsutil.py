@@ -27,6 +27,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; outputs get the usual permissions
     try:
         yield tmp
     except BaseException:
@@ -52,6 +53,7 @@ def atomic_file(final: str | Path, suffix: str = "") -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", suffix=suffix, dir=final.parent)
     os.close(fd)
     tmp = Path(name)
+    tmp.chmod(0o666 & ~_umask())  # mkstemp makes it private; outputs get the usual permissions
     try:
         yield tmp
         os.replace(tmp, final)
@@ -69,6 +71,12 @@ def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
     """Write arrays to a compressed ``.npz``, atomically."""
     with atomic_file(path, suffix=".npz") as tmp:
         np.savez_compressed(tmp, **arrays)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _json_default(value: Any) -> Any:

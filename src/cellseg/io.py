@@ -42,9 +42,12 @@ def _read_tif(path: Path) -> np.ndarray:
     if not path.is_file():
         raise DataFormatError(f"{path}: file not found")
     try:
-        return tifffile.imread(path)
+        array = tifffile.imread(path)
     except Exception as err:  # tifffile raises many types for corrupt or truncated files
         raise DataFormatError(f"{path}: cannot read as tif ({type(err).__name__}: {err})") from err
+    if array.size == 0:  # tifffile warns and returns nothing when no valid page is found
+        raise DataFormatError(f"{path}: cannot read as tif (no image data: corrupt or empty file)")
+    return array
 
 
 def to_rgb8(array: np.ndarray, source: str | Path = "<array>") -> np.ndarray:
@@ -59,7 +62,9 @@ def to_rgb8(array: np.ndarray, source: str | Path = "<array>") -> np.ndarray:
     if a.ndim == 2:
         a = a[..., None]
     if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
-        raise DataFormatError(f"{source}: expected a grayscale, RGB or RGBA image, got array of shape {a.shape}")
+        raise DataFormatError(
+            f"{source}: expected a grayscale, RGB or RGBA image, got array of shape {a.shape}"
+        )
     if a.shape[-1] == 4:
         a = a[..., :3]
     elif a.shape[-1] == 1:
@@ -75,7 +80,9 @@ def to_rgb8(array: np.ndarray, source: str | Path = "<array>") -> np.ndarray:
             raise DataFormatError(f"{source}: float image values must be finite and within [0, 1]")
         a = np.round(a * 255.0).astype(np.uint8)
     else:
-        raise DataFormatError(f"{source}: unsupported image dtype {a.dtype} (use uint8, uint16 or float in [0, 1])")
+        raise DataFormatError(
+            f"{source}: unsupported image dtype {a.dtype} (use uint8, uint16 or float in [0, 1])"
+        )
     if min(a.shape[:2]) < 1:
         raise DataFormatError(f"{source}: empty image of shape {a.shape}")
     return np.ascontiguousarray(a)
@@ -113,7 +120,9 @@ def to_label_image(array: np.ndarray, source: str | Path = "<array>") -> np.ndar
     elif not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
         raise DataFormatError(f"{source}: unsupported label dtype {a.dtype}")
     if a.size and a.min() < 0:
-        raise DataFormatError(f"{source}: negative label value {a.min()!r}; ids must be >= 0 (0 = background)")
+        raise DataFormatError(
+            f"{source}: negative label value {a.min()!r}; ids must be >= 0 (0 = background)"
+        )
     if a.size and a.max() > _INT32_MAX:
         raise DataFormatError(f"{source}: label value {a.max()!r} exceeds the int32 range")
     return a.astype(np.int32)
@@ -193,7 +202,9 @@ def read_test_mapping(path: str | Path) -> list[TestEntry]:
         try:
             entry = TestEntry(str(row["file_name"]), int(row["id"]), int(row["height"]), int(row["width"]))
         except (KeyError, TypeError, ValueError) as err:
-            raise DataFormatError(f"{path}: entry {i} needs file_name, id, height and width ({err!r})") from err
+            raise DataFormatError(
+                f"{path}: entry {i} needs file_name, id, height and width ({err!r})"
+            ) from err
         entries.append(entry)
     for field in ("file_name", "image_id"):
         values = [getattr(e, field) for e in entries]
@@ -219,7 +230,9 @@ def list_test_images(raw_dir: str | Path) -> list[tuple[TestEntry, Path]]:
     mapped = {e.file_name for e in entries}
     missing = sorted(mapped - on_disk.keys())
     if missing:
-        raise DataFormatError(f"{test_dir}: {len(missing)} image(s) of {mapping_path.name} missing, e.g. {missing[:3]}")
+        raise DataFormatError(
+            f"{test_dir}: {len(missing)} image(s) of {mapping_path.name} missing, e.g. {missing[:3]}"
+        )
     unmapped = sorted(on_disk.keys() - mapped)
     if unmapped:
         raise DataFormatError(
@@ -232,7 +245,9 @@ def list_test_images(raw_dir: str | Path) -> list[tuple[TestEntry, Path]]:
 def write_image_tif(path: str | Path, rgb: np.ndarray) -> None:
     """Write an RGB image the way the real data stores it: RGBA (alpha 255), uint8, LZW with predictor."""
     rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], axis=-1)
-    tifffile.imwrite(path, rgba, photometric="rgb", compression="lzw", predictor=True, extrasamples=["unassalpha"])
+    tifffile.imwrite(
+        path, rgba, photometric="rgb", compression="lzw", predictor=True, extrasamples=["unassalpha"]
+    )
 
 
 def write_label_tif(path: str | Path, labels: np.ndarray) -> None:

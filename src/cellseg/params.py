@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn")
+ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn_lite")
 
 
 class ParamsError(ValueError):
@@ -95,15 +95,24 @@ class ModelParams:
 
     def __post_init__(self) -> None:
         _check(self.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}; got {self.arch!r}")
-        _check(self.resize in ("scale", "min_max"), f"model.resize must be 'scale' or 'min_max'; got {self.resize!r}")
+        _check(
+            self.resize in ("scale", "min_max"),
+            f"model.resize must be 'scale' or 'min_max'; got {self.resize!r}",
+        )
         _check(self.scale > 0, "model.scale must be > 0")
         _check(0 < self.min_size <= self.max_size, "model needs 0 < min_size <= max_size")
         _check(0 <= self.trainable_layers <= 5, "model.trainable_layers must be in [0, 5]")
         _check(len(self.anchor_sizes) == 5, "model.anchor_sizes needs 5 sizes, one per FPN level")
         _check(all(a > 0 for a in self.anchor_sizes), "model.anchor_sizes must be positive")
-        for key in ("rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
-                    "rpn_post_nms_top_n_test", "rpn_batch_size_per_image", "box_batch_size_per_image",
-                    "box_detections_per_img"):
+        for key in (
+            "rpn_pre_nms_top_n_train",
+            "rpn_post_nms_top_n_train",
+            "rpn_pre_nms_top_n_test",
+            "rpn_post_nms_top_n_test",
+            "rpn_batch_size_per_image",
+            "box_batch_size_per_image",
+            "box_detections_per_img",
+        ):
             _check(getattr(self, key) >= 1, f"model.{key} must be >= 1")
         _check(0.0 <= self.box_score_thresh < 1.0, "model.box_score_thresh must be in [0, 1)")
         _check(0.0 < self.box_nms_thresh <= 1.0, "model.box_nms_thresh must be in (0, 1]")
@@ -180,6 +189,7 @@ class PredictParams:
     max_per_image: int
     tile_size: int
     tile_overlap: int
+    batch_size: int
     resolve_overlaps: bool
 
     def __post_init__(self) -> None:
@@ -187,7 +197,10 @@ class PredictParams:
         _check(0.0 < self.mask_threshold < 1.0, "predict.mask_threshold must be in (0, 1)")
         _check(self.max_per_image >= 1, "predict.max_per_image must be >= 1")
         _check(self.tile_size >= 64, "predict.tile_size must be >= 64")
-        _check(0 <= self.tile_overlap < self.tile_size // 2, "predict.tile_overlap must be in [0, tile_size/2)")
+        _check(
+            0 <= self.tile_overlap < self.tile_size // 2, "predict.tile_overlap must be in [0, tile_size/2)"
+        )
+        _check(self.batch_size >= 1, "predict.batch_size must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,147 @@
+"""Training data: a Dataset over the prepared npz files, joint augmentation, and Mask R-CNN targets.
+
+The image, the label rows (instance ids) and both auxiliary maps go through one albumentations call, so
+every geometric change is applied identically to all of them. The label rows are warped with nearest-neighbour
+sampling, which is exactly what warping each instance's binary mask would give, at the cost of one image
+instead of one per instance; instance masks are split out afterwards, inside the (cropped) window only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cellseg.instances import Instances
+from cellseg.io import DataFormatError, load_npz
+from cellseg.params import AugmentParams
+
+
+def build_augmentation(params: AugmentParams) -> A.Compose | None:
+    """The reference's ``ElasticTransform`` plus optional flips and 90° rotations; ``None`` when all are off."""
+    candidates = [
+        (params.hflip_p, lambda p: A.HorizontalFlip(p=p)),
+        (params.vflip_p, lambda p: A.VerticalFlip(p=p)),
+        (params.rotate90_p, lambda p: A.RandomRotate90(p=p)),
+        (
+            params.elastic_p,
+            lambda p: A.ElasticTransform(alpha=params.elastic_alpha, sigma=params.elastic_sigma, p=p),
+        ),
+    ]
+    transforms = [make(p) for p, make in candidates if p > 0]
+    if not transforms:
+        return None
+    return A.Compose(transforms, additional_targets={"center": "mask", "boundary": "mask"})
+
+
+def instance_targets(labels: np.ndarray) -> dict[str, torch.Tensor]:
+    """Mask R-CNN targets from label rows (``4×H×W``): ``masks`` (N×H×W uint8), ``boxes`` (N×4 xyxy), ``labels``.
+
+    Boxes are the tight pixel boxes with exclusive right/bottom edges, so a one-pixel cell has a box of
+    size 1×1 (never degenerate). An image without instances gives empty tensors with the right shapes.
+    """
+    inst = Instances.from_label_rows(labels)
+    return {
+        "boxes": torch.from_numpy(inst.boxes_xyxy()).reshape(-1, 4),
+        "labels": torch.from_numpy(inst.labels),
+        "masks": torch.from_numpy(inst.full_masks().view(np.uint8)),
+    }
+
+
+def random_window(shape: tuple[int, int], size: int, rng: np.random.Generator) -> tuple[slice, slice]:
+    """A random ``size × size`` window inside ``shape`` (the whole side where the image is smaller)."""
+    slices = []
+    for side in shape:
+        extent = min(side, size)
+        start = int(rng.integers(0, side - extent + 1))
+        slices.append(slice(start, start + extent))
+    return slices[0], slices[1]
+
+
+class CellDataset(Dataset):
+    """Samples of one split: ``(image float CxHxW in [0,1], target dict)`` for torchvision's Mask R-CNN.
+
+    With ``crop_size`` each item is a random window (memory and time stay bounded on 2500-px images); with
+    ``augment`` the window is augmented. Randomness is derived from ``(seed, epoch, index)``, so an epoch
+    is reproducible whatever the number of DataLoader workers. ``maps_dir`` adds ``center`` and ``boundary``
+    (H×W float) to the target for the auxiliary heads.
+    """
+
+    def __init__(
+        self,
+        prepared_dir: str | Path,
+        maps_dir: str | Path | None = None,
+        *,
+        crop_size: int | None = None,
+        augment: A.Compose | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.files = sorted(Path(prepared_dir).glob("*.npz"))
+        self.maps_dir = Path(maps_dir) if maps_dir is not None else None
+        self.crop_size = crop_size
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def name(self, index: int) -> str:
+        return self.files[index].stem
+
+    def load(self, index: int) -> dict[str, np.ndarray]:
+        """The raw arrays of one sample: ``image``, ``labels`` and, with maps, ``center`` and ``boundary``."""
+        path = self.files[index]
+        arrays = load_npz(path)
+        for key in ("image", "labels"):
+            if key not in arrays:
+                raise DataFormatError(f"{path}: no '{key}' array (was it written by the prepare stage?)")
+        sample = {"image": arrays["image"], "labels": arrays["labels"]}
+        if self.maps_dir is not None:
+            maps_path = self.maps_dir / path.name
+            maps = load_npz(maps_path)
+            for key in ("center", "boundary"):
+                if key not in maps or maps[key].shape != sample["image"].shape[:2]:
+                    raise DataFormatError(
+                        f"{maps_path}: missing or mis-sized '{key}' map (rerun the maps stage)"
+                    )
+                sample[key] = maps[key]
+        return sample
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        sample = self.load(index)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        if self.crop_size is not None:
+            window = random_window(sample["image"].shape[:2], self.crop_size, rng)
+            sample = {
+                k: v[..., window[0], window[1]] if k == "labels" else v[window] for k, v in sample.items()
+            }
+        if self.augment is not None:
+            sample = self._augment(sample, int(rng.integers(2**31)))
+        image = torch.from_numpy(np.ascontiguousarray(sample["image"].transpose(2, 0, 1))).float().div_(255.0)
+        target = instance_targets(sample["labels"])
+        for key in ("center", "boundary"):
+            if key in sample:
+                target[key] = torch.from_numpy(np.ascontiguousarray(sample[key], dtype=np.float32))
+        return image, target
+
+    def _augment(self, sample: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+        self.augment.set_random_seed(seed)
+        inputs = {"image": sample["image"], "mask": np.ascontiguousarray(sample["labels"].transpose(1, 2, 0))}
+        inputs.update({k: sample[k] for k in ("center", "boundary") if k in sample})
+        out = self.augment(**inputs)
+        result = {"image": out["image"], "labels": np.ascontiguousarray(out["mask"].transpose(2, 0, 1))}
+        result.update({k: out[k] for k in ("center", "boundary") if k in sample})
+        return result
+
+
+def collate(batch: list) -> tuple[list, list]:
+    """Detection models take lists of differently sized images, not a stacked tensor."""
+    images, targets = zip(*batch, strict=True)
+    return list(images), list(targets)

@@ -1,0 +1,318 @@
+"""The ``train`` stage: the optimisation loop, checkpoints, per-epoch curves and validation mAP.
+
+Shaped after torchvision's detection references: ``train_one_epoch`` for the loop, a checkpoint holding model,
+optimizer, scheduler, scaler, epoch and params, and a hard stop on a non-finite loss. Runs alone or under
+``torchrun`` (DistributedDataParallel + DistributedSampler; only rank 0 writes).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from cellseg.data import CellDataset, build_augmentation, collate
+from cellseg.distributed import DistInfo, barrier, cleanup, init_distributed, mean_across_ranks
+from cellseg.evaluate import score_files
+from cellseg.fsutil import atomic_file, write_json
+from cellseg.model import CellMaskRCNN, build_model, count_parameters
+from cellseg.params import Params, ParamsError
+
+LAST, BEST = "last.pt", "best.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    """Inputs and outputs of the stage (fixed by dvc.yaml)."""
+
+    prepared: Path
+    maps: Path
+    models: Path
+    live: Path
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an explicit device that is not available is an error."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name == "auto":
+        name = next(d for d in ("cuda", "mps", "cpu") if available[d])
+    if not available[name]:
+        raise ParamsError(f"train.device={name} is not available on this machine (use auto or cpu)")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global generators (model init, RPN/RoI sampling); data randomness has its own seeds."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_inputs(params: Params, paths: TrainPaths) -> None:
+    """Fail early, with the reason, before any expensive work."""
+    if not sorted((paths.prepared / "train").glob("*.npz")):
+        raise ParamsError(
+            f"{paths.prepared / 'train'}: the training split is empty (run the prepare stage; "
+            "check data.raw_dir and data.val_fraction)"
+        )
+    if params.aux.enabled and not (paths.maps / "train").is_dir():
+        raise ParamsError(f"{paths.maps / 'train'}: missing; aux.enabled needs the maps stage's output")
+    for folder in (paths.models, paths.live):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise ParamsError(f"{folder}: output directory is not writable ({err.strerror})") from err
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(
+    path: Path,
+    model: CellMaskRCNN,
+    optimizer,
+    scheduler,
+    scaler,
+    epoch: int,
+    params: Params,
+    best_score: float,
+    history: list[dict],
+) -> None:
+    """Everything needed to resume or to rebuild the model, written atomically."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": epoch,
+        "params": params.to_dict(),
+        "best_score": best_score,
+        "history": history,
+        "rng": rng_state(),
+    }
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
+
+
+def rng_state() -> dict:
+    """Every random generator the loop draws from (RPN/RoI sampling use torch's), for an exact resume."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ------------------------------------------------------------------------------------------------- the loop
+def train_one_epoch(
+    model,
+    loader: DataLoader,
+    optimizer,
+    scaler,
+    device: torch.device,
+    epoch: int,
+    params: Params,
+    info: DistInfo,
+) -> dict[str, float]:
+    """One pass over the loader; returns the mean of every loss component and of the weighted total."""
+    core: CellMaskRCNN = model.module if isinstance(model, DistributedDataParallel) else model
+    model.train()
+    sums: dict[str, float] = {}
+    steps = 0
+    use_amp = scaler.is_enabled()
+    bar = tqdm(
+        loader,
+        desc=f"epoch {epoch + 1}/{params.train.epochs}",
+        unit="batch",
+        disable=not info.is_main,
+        leave=False,
+    )
+    for step, (images, targets) in enumerate(bar):
+        images = [img.to(device, non_blocking=True) for img in images]
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+        with torch.autocast(device.type, enabled=use_amp):
+            losses = model(images, targets)
+            total = core.total_loss(losses)
+        if not math.isfinite(total.item()):
+            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            raise NonFiniteLossError(
+                f"epoch {epoch + 1}, step {step + 1}: loss is {total.item()} ({parts}). Training stopped; the "
+                f"last good checkpoint is kept. Try a lower train.lr or a train.grad_clip > 0."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        if params.train.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), params.train.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        steps += 1
+        for key, value in {"loss": total, **losses}.items():
+            sums[key] = sums.get(key, 0.0) + float(value.detach())
+        bar.set_postfix(loss=f"{sums['loss'] / steps:.3f}")
+    return mean_across_ranks({k: v / max(steps, 1) for k, v in sums.items()}, info)
+
+
+def _is_eval_epoch(epoch: int, params: Params) -> bool:
+    return (epoch + 1) % params.train.eval_every == 0 or epoch + 1 == params.train.epochs
+
+
+def _evaluate_epoch(model: CellMaskRCNN, paths: TrainPaths, params: Params, device: torch.device) -> dict:
+    """mAP on the validation split and on a fixed subset of the training split (the reference logged both)."""
+    results = {}
+    subsets = {
+        "val": sorted((paths.prepared / "val").glob("*.npz")),
+        "train_subset": sorted((paths.prepared / "train").glob("*.npz"))[: params.train.train_eval_images],
+    }
+    for name, files in subsets.items():
+        if files:
+            scores = score_files(model, files, params, device, desc=f"eval {name}").metrics
+            results.update({f"{name}/map": scores["map"], f"{name}/map_50": scores["map_50"]})
+    return results
+
+
+def _selection_score(metrics: dict) -> float | None:
+    """Best checkpoint: validation mAP@[.5:.95]; the training subset's when there is no validation split."""
+    for key in ("val/map", "train_subset/map"):
+        if key in metrics:
+            return metrics[key]
+    return None
+
+
+def train(params: Params, paths: TrainPaths) -> dict:
+    """Train as ``params`` says; write ``last.pt``, ``best.pt``, ``config.json`` and DVCLive curves.
+
+    Returns the summary written to ``<models>/summary.json``.
+    """
+    check_inputs(params, paths)
+    device = select_device(params.train.device)
+    info = init_distributed(device.type == "cuda")
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    try:
+        return _train(params, paths, device, info)
+    finally:
+        cleanup(info)
+
+
+def _train(params: Params, paths: TrainPaths, device: torch.device, info: DistInfo) -> dict:
+    tp = params.train
+    seed_everything(tp.seed + info.rank)
+    model = build_model(params.model, params.aux).to(device)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=tp.lr, weight_decay=tp.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tp.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=tp.amp and device.type == "cuda")
+    start_epoch, best_score, history = 0, -math.inf, []
+    last_path, best_path = paths.models / LAST, paths.models / BEST
+    if tp.resume and last_path.exists():
+        state = load_checkpoint(last_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best_score, history = state["epoch"] + 1, state["best_score"], state["history"]
+        set_rng_state(state["rng"])
+        if info.is_main:
+            print(f"resuming from {last_path} after epoch {start_epoch}")
+    else:
+        if tp.resume and info.is_main:
+            print(f"train.resume: no {last_path} yet, starting from scratch")
+        if info.is_main:  # a fresh run must not leave a previous run's checkpoints behind
+            last_path.unlink(missing_ok=True)
+            best_path.unlink(missing_ok=True)
+
+    dataset = CellDataset(
+        paths.prepared / "train",
+        paths.maps / "train" if params.aux.enabled else None,
+        crop_size=tp.crop_size,
+        augment=build_augmentation(params.augment),
+        seed=tp.seed,
+    )
+    # The shuffle order is a function of (seed, epoch) alone, so a resumed run sees the same batches.
+    sampler = DistributedSampler(dataset, info.world_size, info.rank, shuffle=True, seed=tp.seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=tp.batch_size,
+        sampler=sampler,
+        num_workers=tp.workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+    )
+    net = (
+        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if info.enabled
+        else model
+    )
+
+    live = None
+    if info.is_main:
+        from dvclive import Live
+
+        paths.models.mkdir(parents=True, exist_ok=True)
+        write_json(paths.models / "config.json", params.to_dict())
+        live = Live(str(paths.live), dvcyaml=None, save_dvc_exp=False, resume=start_epoch > 0)
+        print(
+            f"model {params.model.arch} (aux heads: {'on' if model.has_aux else 'off'}), "
+            f"{count_parameters(model):,} parameters, {len(dataset)} training images, device {device}"
+        )
+    for epoch in range(start_epoch, tp.epochs):
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        losses = train_one_epoch(net, loader, optimizer, scaler, device, epoch, params, info)
+        scheduler.step()
+        metrics = {}
+        if info.is_main and _is_eval_epoch(epoch, params):
+            metrics = _evaluate_epoch(model, paths, params, device)
+        record = {"epoch": epoch + 1, "lr": lr, **{f"train/{k}": v for k, v in losses.items()}, **metrics}
+        history.append(record)
+        if info.is_main:
+            for key, value in record.items():
+                if key != "epoch":
+                    live.log_metric(key, value)
+            live.next_step()
+            score = _selection_score(metrics)
+            improved = score is not None and score > best_score
+            best_score = score if improved else best_score
+            save_checkpoint(
+                last_path, model, optimizer, scheduler, scaler, epoch, params, best_score, history
+            )
+            if improved or not best_path.exists():
+                save_checkpoint(
+                    best_path, model, optimizer, scheduler, scaler, epoch, params, best_score, history
+                )
+            print(_epoch_line(record))
+        barrier(info)
+    summary = {"epochs": tp.epochs, "best_score": best_score, "final": history[-1] if history else {}}
+    if info.is_main:
+        live.end()
+        write_json(paths.models / "summary.json", summary)
+    return summary
+
+
+def _epoch_line(record: dict) -> str:
+    parts = [f"epoch {record['epoch']}", f"loss {record['train/loss']:.4f}", f"lr {record['lr']:.2e}"]
+    parts += [f"{k} {v:.4f}" for k, v in record.items() if k.endswith("map_50") or k.endswith("/map")]
+    return " | ".join(parts)

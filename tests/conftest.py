@@ -1,0 +1,61 @@
+"""Shared test helpers: the real fixture's location and small raw datasets written as real tif files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cellseg.io import write_image_tif, write_label_tif
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT.parent / "shared" / "fixtures" / "hw3-sample"
+
+
+@pytest.fixture
+def real_fixture() -> Path:
+    """The real hw3 sample, read in place from ../shared (never copied into the repo)."""
+    if not (FIXTURE / "train" / "sample-image" / "image.tif").exists():
+        pytest.skip(f"real fixture not available at {FIXTURE} (it lives outside the repo, in ../shared)")
+    return FIXTURE
+
+
+def disk_labels(
+    shape: tuple[int, int], centres: list[tuple[int, int]], radius: int, first_id: int
+) -> np.ndarray:
+    """A label image of discs with consecutive ids from ``first_id``; later discs overwrite earlier ones."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    labels = np.zeros(shape, np.float64)
+    for i, (cy, cx) in enumerate(centres):
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = first_id + i
+    return labels
+
+
+def write_raw_train_sample(folder: Path, image: np.ndarray, class_labels: dict[int, np.ndarray]) -> None:
+    """Write one sample in the real format; classes missing from ``class_labels`` get no file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_image_tif(folder / "image.tif", image)
+    for k, labels in class_labels.items():
+        write_label_tif(folder / f"class{k}.tif", labels)
+
+
+def make_raw_dataset(root: Path, n_train: int = 3, n_test: int = 2, size: tuple[int, int] = (48, 64)) -> Path:
+    """A tiny raw dataset with touching discs, a shared id counter across classes and absent class files."""
+    rng = np.random.default_rng(0)
+    h, w = size
+    for i in range(n_train):
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        class1 = disk_labels(size, [(12, 12), (12, 21)], 5, first_id=1)  # two touching discs, ids 1-2
+        class2 = disk_labels(size, [(30, 40), (36, 50), (10, 55)], 4, first_id=3)  # ids 3-5
+        classes = {1: class1, 2: class2} if i % 2 == 0 else {2: class2}  # class1.tif absent on odd samples
+        write_raw_train_sample(root / "train" / f"sample-{i:02d}", image, classes)
+    (root / "test_release").mkdir(parents=True, exist_ok=True)
+    mapping = []
+    for i in range(n_test):
+        name = f"test-{i:02d}.tif"
+        write_image_tif(root / "test_release" / name, rng.integers(0, 256, (h + i, w, 3), dtype=np.uint8))
+        mapping.append({"file_name": name, "id": i + 1, "height": h + i, "width": w})
+    (root / "test_image_name_to_ids.json").write_text(json.dumps(mapping))
+    return root

@@ -1,0 +1,186 @@
+"""The raw-format reader: every quirk of the real files and every error case, on real tif files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from cellseg.io import (
+    DataFormatError,
+    list_test_images,
+    list_train_samples,
+    load_npz,
+    read_image,
+    read_label,
+    read_test_mapping,
+    read_train_sample,
+    save_train_npz,
+    to_label_image,
+    to_rgb8,
+    write_image_tif,
+    write_label_tif,
+)
+from conftest import disk_labels, make_raw_dataset, write_raw_train_sample
+
+
+# ------------------------------------------------------------------------------------------ the real sample
+def test_real_image_is_rgba_lzw_and_reads_as_rgb(real_fixture: Path) -> None:
+    path = real_fixture / "train" / "sample-image" / "image.tif"
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        assert page.compression == 5  # LZW: needs imagecodecs
+        assert page.shape == (397, 482, 4)
+    raw = tifffile.imread(path)
+    image = read_image(path)
+    assert image.shape == (397, 482, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image, raw[..., :3])
+
+
+def test_real_masks_share_one_id_counter_and_absent_classes_are_empty(real_fixture: Path) -> None:
+    (sample,) = list_train_samples(real_fixture)
+    assert sample.class_paths[2] is None and sample.class_paths[3] is None
+    assert tifffile.imread(sample.class_paths[0]).dtype == np.float64
+    image, labels = read_train_sample(sample)
+    assert labels.shape == (4, 397, 482) and labels.dtype == np.int32
+    ids = [set(np.unique(row).tolist()) - {0} for row in labels]
+    assert ids[0] == {1, 2}  # class1: ids 1-2
+    assert ids[1] == set(range(3, 162))  # class2: ids 3-161, the counter continues across files
+    assert ids[2] == ids[3] == set()
+    # lossless: every id equals the float value of the tif
+    np.testing.assert_array_equal(labels[1], tifffile.imread(sample.class_paths[1]).astype(np.int32))
+
+
+def test_real_test_mapping(real_fixture: Path) -> None:
+    entries = read_test_mapping(real_fixture / "test_image_name_to_ids.json")
+    assert len(entries) == 101
+    assert entries[0].file_name.endswith(".tif") and entries[0].image_id == 1
+    assert (entries[0].height, entries[0].width) == (446, 512)
+    assert sorted(e.image_id for e in entries) == list(range(1, 102))
+
+
+# ---------------------------------------------------------------------------------------- image conversions
+def test_grayscale_16bit_and_planar_images_become_rgb8(tmp_path: Path) -> None:
+    gray16 = np.array([[0, 65535], [32768, 257]], np.uint16)
+    tifffile.imwrite(tmp_path / "g16.tif", gray16)
+    rgb = read_image(tmp_path / "g16.tif")
+    assert rgb.shape == (2, 2, 3) and rgb.dtype == np.uint8
+    np.testing.assert_array_equal(rgb[..., 0], [[0, 255], [128, 1]])
+    assert (rgb[..., 0] == rgb[..., 2]).all()
+    planar = np.stack([np.full((5, 6), v, np.uint8) for v in (10, 20, 30)])  # C×H×W
+    np.testing.assert_array_equal(to_rgb8(planar)[0, 0], [10, 20, 30])
+    np.testing.assert_array_equal(to_rgb8(np.ones((3, 4), np.float32))[0, 0], [255, 255, 255])
+
+
+def test_our_writer_reproduces_the_real_quirks(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    write_image_tif(tmp_path / "image.tif", rgb)
+    write_label_tif(tmp_path / "class1.tif", np.eye(20, 30) * 7)
+    with tifffile.TiffFile(tmp_path / "image.tif") as tif:
+        assert tif.pages[0].compression == 5 and tif.pages[0].shape == (20, 30, 4)
+    assert tifffile.imread(tmp_path / "class1.tif").dtype == np.float64
+    np.testing.assert_array_equal(read_image(tmp_path / "image.tif"), rgb)
+
+
+# --------------------------------------------------------------------------------------------- error cases
+def test_corrupt_tif_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "image.tif"
+    bad.write_bytes(b"II*\x00garbage-not-a-tif" * 3)
+    with pytest.raises(DataFormatError, match=r"image\.tif: cannot read as tif"):
+        read_image(bad)
+
+
+def test_truncated_tif_names_the_file(tmp_path: Path) -> None:
+    write_image_tif(tmp_path / "image.tif", np.zeros((64, 64, 3), np.uint8))
+    data = (tmp_path / "image.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[: len(data) // 3])
+    with pytest.raises(DataFormatError, match=r"cut\.tif"):
+        read_image(tmp_path / "cut.tif")
+
+
+def test_mask_shape_must_match_image(tmp_path: Path) -> None:
+    write_label_tif(tmp_path / "class1.tif", np.zeros((10, 12)))
+    with pytest.raises(
+        DataFormatError, match=r"class1\.tif: mask shape 10×12 differs from the image's 10×13"
+    ):
+        read_label(tmp_path / "class1.tif", (10, 13))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(2.5, "non-integral label value"), (-3.0, "negative label value"), (np.nan, "non-finite")],
+)
+def test_bad_label_values_are_errors_not_rounded(tmp_path: Path, value: float, message: str) -> None:
+    labels = np.zeros((8, 8))
+    labels[2, 3] = value
+    write_label_tif(tmp_path / "class2.tif", labels)
+    with pytest.raises(DataFormatError, match=rf"class2\.tif: .*{message}"):
+        read_label(tmp_path / "class2.tif", (8, 8))
+
+
+def test_label_image_must_be_2d() -> None:
+    with pytest.raises(DataFormatError, match="must be 2-D"):
+        to_label_image(np.zeros((3, 4, 5)), "x.tif")
+
+
+def test_train_folder_without_image(tmp_path: Path) -> None:
+    make_raw_dataset(tmp_path)
+    (tmp_path / "train" / "sample-01" / "image.tif").unlink()
+    with pytest.raises(DataFormatError, match=r"sample-01: train folder without image\.tif"):
+        list_train_samples(tmp_path)
+
+
+def test_no_samples_and_no_train_folder(tmp_path: Path) -> None:
+    with pytest.raises(DataFormatError, match="train: missing folder"):
+        list_train_samples(tmp_path)
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DataFormatError, match="train: no samples"):
+        list_train_samples(tmp_path)
+
+
+def test_test_image_missing_from_mapping_and_vice_versa(tmp_path: Path) -> None:
+    root = make_raw_dataset(tmp_path, n_test=2)
+    assert [e.image_id for e, _ in list_test_images(root)] == [1, 2]
+    write_image_tif(root / "test_release" / "extra.tif", np.zeros((5, 5, 3), np.uint8))
+    with pytest.raises(DataFormatError, match=r"have no entry, e\.g\. \['extra\.tif'\]"):
+        list_test_images(root)
+    (root / "test_release" / "extra.tif").unlink()
+    (root / "test_release" / "test-00.tif").unlink()
+    with pytest.raises(DataFormatError, match=r"missing, e\.g\. \['test-00\.tif'\]"):
+        list_test_images(root)
+
+
+def test_mapping_errors(tmp_path: Path) -> None:
+    path = tmp_path / "map.json"
+    path.write_text("[{")
+    with pytest.raises(DataFormatError, match="map.json: invalid JSON"):
+        read_test_mapping(path)
+    path.write_text(json.dumps([{"file_name": "a.tif", "id": 1}]))
+    with pytest.raises(DataFormatError, match="entry 0 needs file_name, id, height and width"):
+        read_test_mapping(path)
+    row = {"file_name": "a.tif", "id": 1, "height": 3, "width": 3}
+    path.write_text(json.dumps([row, {**row, "file_name": "b.tif"}]))
+    with pytest.raises(DataFormatError, match=r"duplicate image_id values \[1\]"):
+        read_test_mapping(path)
+
+
+def test_dataset_without_test_side_is_allowed_but_half_a_test_side_is_not(tmp_path: Path) -> None:
+    write_raw_train_sample(tmp_path / "train" / "s", np.zeros((8, 8, 3), np.uint8), {})
+    assert list_test_images(tmp_path) == []
+    (tmp_path / "test_image_name_to_ids.json").write_text("[]")
+    with pytest.raises(DataFormatError, match="test_release: missing folder"):
+        list_test_images(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------- npz
+def test_npz_round_trip_and_missing_npz(tmp_path: Path) -> None:
+    labels = np.stack([disk_labels((16, 16), [(8, 8)], 3, first_id=k + 1).astype(np.int32) for k in range(4)])
+    save_train_npz(tmp_path / "s.npz", np.zeros((16, 16, 3), np.uint8), labels)
+    arrays = load_npz(tmp_path / "s.npz")
+    np.testing.assert_array_equal(arrays["labels"], labels)
+    assert arrays["labels"].dtype == np.int32
+    with pytest.raises(DataFormatError, match="nope.npz: file not found"):
+        load_npz(tmp_path / "nope.npz")
