@@ -35,7 +35,7 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from cellseg import NUM_CLASSES
 from cellseg.instances import Instances
-from cellseg.rle import encode_instances
+from cellseg.rle import encode_instances, encode_mask
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
@@ -58,45 +58,91 @@ class Evaluation:
     pr_curves: np.ndarray
 
 
-def _target(inst: Instances, n_predictions: int) -> dict[str, torch.Tensor]:
-    masks, labels = inst.full_masks(), inst.labels
-    crowd = np.zeros(len(inst), np.int64)
-    if len(inst) == 0 and n_predictions > 0:  # keep the image in: an empty crowd region matches nothing
-        masks, labels, crowd = (
-            np.zeros((1, inst.height, inst.width), bool),
-            np.ones(1, np.int64),
-            np.ones(1, np.int64),
+class _CropMeanAveragePrecision(MeanAveragePrecision):
+    """torchmetrics' segm mAP fed from box-local crops instead of full-image mask tensors.
+
+    ``MeanAveragePrecision.update`` takes N×H×W boolean masks per image and RLE-encodes each of them, which
+    dominates the metric's run time and needs N×H×W bytes (1.5 GB for 300 cells in a 2500×2000 image). Its
+    state per image is a tuple of ``((h, w), counts)`` RLEs; :meth:`add_image` builds exactly that from the
+    crops (``rle.encode_instances``, byte-identical to pycocotools' encoding), so ``compute`` — the COCO
+    evaluation on the faster-coco-eval or pycocotools backend — is unchanged. The tests compare every figure with
+    pycocotools' own COCOeval.
+    """
+
+    def add_image(self, prediction: _Masks, target: _Masks) -> None:
+        self._update_count += 1  # what torchmetrics' update wrapper records, so compute knows it has data
+        self._computed = None
+        self.detection_mask.append(prediction.rles)
+        self.detection_labels.append(torch.from_numpy(prediction.labels))
+        self.detection_scores.append(torch.from_numpy(prediction.scores))
+        self.groundtruth_mask.append(target.rles)
+        self.groundtruth_labels.append(torch.from_numpy(target.labels))
+        self.groundtruth_crowds.append(torch.from_numpy(target.crowd))
+        self.groundtruth_area.append(torch.zeros(len(target.labels)))  # 0: area is computed from the mask
+
+
+@dataclass(frozen=True)
+class _Masks:
+    """One image's instances in torchmetrics' state format."""
+
+    rles: tuple
+    labels: np.ndarray
+    scores: np.ndarray
+    crowd: np.ndarray
+    source: Instances | None = None
+
+    @classmethod
+    def of(cls, inst: Instances) -> _Masks:
+        rles = tuple(((inst.height, inst.width), r["counts"].encode()) for r in encode_instances(inst))
+        n = len(inst)
+        labels, scores = inst.labels.astype(np.int64), inst.scores.astype(np.float32)
+        return cls(rles, labels, scores, np.zeros(n, np.int64), inst)
+
+    def as_update_input(self) -> dict[str, torch.Tensor]:
+        """``MeanAveragePrecision.update``'s own input (full N×H×W masks): the path torchmetrics documents."""
+        if self.source is not None:
+            masks = self.source.full_masks()
+        else:
+            masks = np.stack([mask_utils.decode({"size": list(size), "counts": c}) for size, c in self.rles])
+        return {
+            "masks": torch.from_numpy(masks.astype(bool)),
+            "labels": torch.from_numpy(self.labels),
+            "scores": torch.from_numpy(self.scores),
+            "iscrowd": torch.from_numpy(self.crowd),
+        }
+
+    @classmethod
+    def empty_mask(cls, height: int, width: int, label: int, score: float, crowd: int) -> _Masks:
+        rle = encode_mask(np.zeros((height, width), bool))
+        return cls(
+            (((height, width), rle["counts"].encode()),),
+            np.array([label], np.int64),
+            np.array([score], np.float32),
+            np.array([crowd], np.int64),
         )
-    return {
-        "masks": torch.from_numpy(masks),
-        "labels": torch.from_numpy(labels.astype(np.int64)),
-        "iscrowd": torch.from_numpy(crowd),
-    }
 
 
-def _prediction(inst: Instances) -> dict[str, torch.Tensor]:
-    return {
-        "masks": torch.from_numpy(inst.full_masks()),
-        "labels": torch.from_numpy(inst.labels.astype(np.int64)),
-        "scores": torch.from_numpy(inst.scores.astype(np.float32)),
-    }
+def _target(inst: Instances, n_predictions: int) -> _Masks:
+    if len(inst) == 0 and n_predictions > 0:  # keep the image in: an empty crowd region matches nothing
+        return _Masks.empty_mask(inst.height, inst.width, label=1, score=1.0, crowd=1)
+    return _Masks.of(inst)
 
 
-def _placeholder_prediction(inst: Instances) -> dict[str, torch.Tensor]:
+def _placeholder_prediction(inst: Instances) -> _Masks:
     """One empty, zero-score mask of a ground-truth class of ``inst``: a false positive that changes no AP."""
-    label = inst.labels[:1] if len(inst) else np.ones(1, np.int64)
-    return {
-        "masks": torch.zeros((1, inst.height, inst.width), dtype=torch.bool),
-        "labels": torch.from_numpy(label.astype(np.int64)),
-        "scores": torch.zeros(1),
-    }
+    label = int(inst.labels[0]) if len(inst) else 1
+    return _Masks.empty_mask(inst.height, inst.width, label=label, score=0.0, crowd=0)
 
 
 def _coco_arrays(
-    ground_truth: list[Instances], predictions: list[Instances], caps: list[int], backend: str
+    ground_truth: list[Instances],
+    predictions: list[Instances],
+    caps: list[int],
+    backend: str,
+    full_masks: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """COCOeval's ``precision`` (T×R×K×A×M) and ``recall`` (T×K×A×M) with K = classes 1..4 (-1 where absent)."""
-    metric = MeanAveragePrecision(
+    metric = _CropMeanAveragePrecision(
         iou_type="segm",
         backend=backend,
         max_detection_thresholds=caps,
@@ -108,8 +154,12 @@ def _coco_arrays(
     metric.warn_on_many_detections = False  # it counts all classes together, but COCO's cap is per class
     any_prediction = any(len(p) for p in predictions)
     for i, (gt, pred) in enumerate(zip(ground_truth, predictions, strict=True)):
-        pred_dict = _prediction(pred) if any_prediction or i > 0 else _placeholder_prediction(gt)
-        metric.update([pred_dict], [_target(gt, len(pred_dict["labels"]))])
+        pred_masks = _Masks.of(pred) if any_prediction or i > 0 else _placeholder_prediction(gt)
+        target = _target(gt, len(pred_masks.labels))
+        if full_masks:
+            metric.update([pred_masks.as_update_input()], [target.as_update_input()])
+        else:
+            metric.add_image(pred_masks, target)
     with contextlib.redirect_stdout(io.StringIO()):
         result = metric.compute()
     shape = (len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS), NUM_CLASSES, len(AREA_RANGES), len(caps))
@@ -149,6 +199,7 @@ def evaluate(
     predictions: list[Instances],
     max_detections: int,
     backend: str = "faster_coco_eval",
+    full_masks: bool = False,
 ) -> Evaluation:
     """COCO mask metrics at the dense cap ``max_detections`` and at the leaderboard's 100, per image and class.
 
@@ -157,6 +208,8 @@ def evaluate(
     detections per image and class: the leaderboard's AP50); counts and the cap. ``mar`` has no cap in its name
     so that experiments with different caps stay comparable in ``dvc metrics diff``. ``backend`` is
     torchmetrics' COCO backend; "pycocotools" gives the same numbers, slower (``cellseg.bench.metric``).
+    ``full_masks`` feeds torchmetrics through its documented ``update`` with N×H×W masks instead of crop RLEs:
+    same numbers, the benchmark's baseline.
     """
     if len(ground_truth) != len(predictions):
         raise ValueError(f"{len(ground_truth)} ground-truth images but {len(predictions)} prediction images")
@@ -170,7 +223,7 @@ def evaluate(
     if max_detections < 1:
         raise ValueError(f"max_detections must be at least 1, got {max_detections}")
     caps = sorted([1, LEADERBOARD_MAX_DETECTIONS, int(max_detections)])  # torchmetrics wants exactly three
-    precision, recall = _coco_arrays(ground_truth, predictions, caps, backend)
+    precision, recall = _coco_arrays(ground_truth, predictions, caps, backend, full_masks)
     metrics: dict[str, float | int] = _summaries(
         precision, recall, caps.index(max_detections), caps.index(LEADERBOARD_MAX_DETECTIONS)
     )
