@@ -59,3 +59,68 @@ def make_raw_dataset(root: Path, n_train: int = 3, n_test: int = 2, size: tuple[
         mapping.append({"file_name": name, "id": i + 1, "height": h + i, "width": w})
     (root / "test_image_name_to_ids.json").write_text(json.dumps(mapping))
     return root
+
+
+# ------------------------------------------------------------------------------------- a tiny trained project
+TINY = {
+    "synth.n_train": 6,
+    "synth.n_test": 3,
+    "synth.min_side": 40,
+    "synth.max_side": 220,
+    "synth.n_dense": 0,
+    "data.val_fraction": 0.34,
+    "maps.n_previews": 1,
+    "train.epochs": 1,
+    "train.batch_size": 2,
+    "train.crop_size": 96,
+    "train.eval_every": 1,
+    "train.train_eval_images": 1,
+    "model.rpn_pre_nms_top_n_test": 300,
+    "model.rpn_post_nms_top_n_test": 150,
+    "model.box_detections_per_img": 100,
+    "predict.max_per_image": 100,
+    "predict.tile_size": 128,
+    "predict.tile_overlap": 32,
+    "evaluate.n_overlays": 1,
+}
+"""Overrides that make every stage take seconds: small images, one epoch, small caps, tiling exercised."""
+
+
+def tiny_params(**extra):
+    """The repo's params.yaml with :data:`TINY` (and ``extra``: dotted keys with ``__`` for dots) applied."""
+    from cellseg.params import load_params
+
+    return load_params(
+        ROOT / "params.yaml", overrides={**TINY, **{k.replace("__", "."): v for k, v in extra.items()}}
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory) -> dict:
+    """A tiny synthetic dataset, prepared, with maps and a model trained for one epoch (session-scoped).
+
+    Returns the paths (``raw``, ``prepared``, ``maps``, ``models``, ``live``) and ``params``. Tests must not modify it.
+    """
+    from cellseg.fsutil import atomic_dir
+    from cellseg.maps import write_maps
+    from cellseg.prepare import prepare_dataset
+    from cellseg.synth import write_dataset
+    from cellseg.train import TrainPaths, train
+
+    root = tmp_path_factory.mktemp("tiny")
+    params = tiny_params()
+    with atomic_dir(root / "raw") as tmp:
+        write_dataset(tmp, params.synth)
+    prepare_dataset(root / "raw", root / "prepared", root / "split.json", root / "data.json", params.data)
+    write_maps(root / "prepared", root / "maps", root / "previews", params.maps)
+    paths = TrainPaths(root / "prepared", root / "maps", root / "models", root / "live")
+    train(params, paths)
+    return {
+        "root": root,
+        "raw": root / "raw",
+        "prepared": root / "prepared",
+        "maps": root / "maps",
+        "models": root / "models",
+        "live": root / "live",
+        "params": params,
+    }

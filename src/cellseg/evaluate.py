@@ -1,69 +1,140 @@
-"""Scoring a model on prepared samples: shared by the training loop and the ``evaluate`` stage.
+"""The ``evaluate`` stage: the best checkpoint on the validation split.
 
-Predictions come from :func:`cellseg.predict.predict_image` (the same path as the submission) and are scored by
-:func:`cellseg.metrics.evaluate` at the dense cap ``predict.max_per_image``.
+The stage (:func:`evaluate_checkpoint`) writes, all or nothing:
+
+- ``<predictions>/val-results.json``: COCO results (RLE masks, ``bbox`` ``[x, y, w, h]``, score, category
+  1..4) and ``<predictions>/val-images.json`` (``[{"id", "name", "height", "width"}]``, ids 1..N in sample-name
+  order), so that any COCO tool can re-score them;
+- ``<metrics>``: the flat metrics of :func:`cellseg.metrics.evaluate` plus ``checkpoint_epoch``;
+- ``<plots>/pr/class<k>.csv``, ``<plots>/confusion.csv`` (rendered by ``dvc plots``) and
+  ``<plots>/overlays/<sample>.png``.
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from cellseg.instances import Instances
-from cellseg.io import DataFormatError, load_npz
-from cellseg.metrics import Evaluation, evaluate
-from cellseg.model import CellMaskRCNN, build_model
-from cellseg.params import AuxParams, ModelParams, Params
-from cellseg.predict import predict_image
+from cellseg import CLASS_NAMES
+from cellseg.checkpoint import load_trained_model
+from cellseg.fsutil import atomic_dir, atomic_file, write_json
+from cellseg.io import DataFormatError
+from cellseg.metrics import confusion_matrix, evaluate
+from cellseg.params import Params
+from cellseg.plots import save_overlay, write_confusion, write_pr_curves
+from cellseg.rle import to_coco_results
+from cellseg.scoring import ScoredSplit, load_labelled, score_files
 
-
-@dataclass
-class ScoredSplit:
-    """Ground truth and predictions of some samples, with their evaluation."""
-
-    names: list[str]
-    ground_truth: list[Instances]
-    predictions: list[Instances]
-    evaluation: Evaluation
-
-    @property
-    def metrics(self) -> dict:
-        return self.evaluation.metrics
+RESULTS_FILE, IMAGES_FILE = "val-results.json", "val-images.json"
+PR_DIR, CONFUSION_FILE, OVERLAYS_DIR = "pr", "confusion.csv", "overlays"
+"""Inside the plots directory: each is one output of the stage in dvc.yaml, replaced on its own."""
+MATCH_IOU = 0.5
+"""Mask IoU at which the confusion matrix and the overlays count a match: the leaderboard's AP50 threshold."""
 
 
-def load_labelled(path: Path) -> tuple:
-    """``(image, ground-truth Instances)`` of a prepared sample."""
-    arrays = load_npz(path)
-    if "labels" not in arrays or "image" not in arrays:
-        raise DataFormatError(f"{path}: needs 'image' and 'labels' arrays (rerun the prepare stage)")
-    return arrays["image"], Instances.from_label_rows(arrays["labels"])
+# ------------------------------------------------------------------------------------------ the evaluate stage
+@dataclass(frozen=True)
+class EvalPaths:
+    """Inputs and outputs of the ``evaluate`` stage (fixed by dvc.yaml)."""
+
+    checkpoint: Path
+    val_dir: Path
+    predictions: Path
+    metrics: Path
+    plots: Path
 
 
-def score_files(
-    model: CellMaskRCNN, files: list[Path], params: Params, device: torch.device, desc: str = "evaluate"
-) -> ScoredSplit:
-    """Predict every sample of ``files`` and score the predictions against their labels."""
-    model.eval()
-    ground_truth, predictions = [], []
-    for path in tqdm(files, desc=desc, unit="img", leave=False):
-        image, gt = load_labelled(path)
-        ground_truth.append(gt)
-        predictions.append(predict_image(model, image, params.predict, device))
-    evaluation = evaluate(ground_truth, predictions, max_detections=params.predict.max_per_image)
-    return ScoredSplit([p.stem for p in files], ground_truth, predictions, evaluation)
+def list_samples(split_dir: Path) -> list[Path]:
+    """The prepared ``*.npz`` samples of a split, in name order; a missing or empty split is an error."""
+    files = sorted(p for p in Path(split_dir).glob("*.npz") if not p.name.startswith("."))
+    if not files:
+        raise DataFormatError(
+            f"{split_dir}: no prepared samples to evaluate (run the prepare stage; "
+            "data.val_fraction must leave at least one validation image)"
+        )
+    return files
 
 
-def load_trained_model(checkpoint: str | Path, device: torch.device) -> tuple[CellMaskRCNN, dict]:
-    """Rebuild the model a checkpoint was trained with (its own model/aux params) and load its weights."""
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"{checkpoint}: no checkpoint (run the train stage first)")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    trained = state["params"]
-    model_params = ModelParams(**{**trained["model"], "pretrained": "none"})  # weights come from the file
-    model = build_model(model_params, AuxParams(**trained["aux"]))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), state
+def coco_documents(scored: ScoredSplit) -> tuple[list[dict], list[dict]]:
+    """``(results, images)``: COCO results rows and the image table; ids are 1..N in sample-name order."""
+    results, images = [], []
+    order = sorted(range(len(scored.names)), key=lambda i: scored.names[i])
+    for image_id, i in enumerate(order, start=1):
+        pred = scored.predictions[i]
+        images.append({"id": image_id, "name": scored.names[i], "height": pred.height, "width": pred.width})
+        results += to_coco_results(pred, image_id)
+    return results, images
+
+
+def write_evaluation(
+    scored: ScoredSplit, files: list[Path], paths: EvalPaths, params: Params, extra: dict | None = None
+) -> dict:
+    """Write the predictions, metrics and plots of ``scored`` (``files`` are its samples, for the overlays).
+
+    Everything is computed and drawn into temporary siblings of the outputs first; they replace the outputs
+    only when all of it succeeded, so a failure leaves the previous outputs (or none) in place. Only the
+    stage's own outputs are replaced: DVC keeps a ``.gitignore`` in the plots directory. Returns the metrics.
+    """
+    if [p.stem for p in files] != scored.names:
+        raise ValueError("files must be the scored samples, in the same order")
+    results, images = coco_documents(scored)
+    threshold = params.evaluate.confusion_score_threshold
+    matrix = confusion_matrix(scored.ground_truth, scored.predictions, MATCH_IOU, threshold)
+    metrics = {**scored.metrics, **(extra or {})}
+    with ExitStack() as outputs:
+        predictions_tmp = outputs.enter_context(atomic_dir(paths.predictions))
+        write_json(predictions_tmp / RESULTS_FILE, results)
+        write_json(predictions_tmp / IMAGES_FILE, images)
+        write_pr_curves(outputs.enter_context(atomic_dir(paths.plots / PR_DIR)), scored.evaluation.pr_curves)
+        write_confusion(outputs.enter_context(atomic_file(paths.plots / CONFUSION_FILE)), matrix)
+        write_overlays(outputs.enter_context(atomic_dir(paths.plots / OVERLAYS_DIR)), scored, files, params)
+        write_json(paths.metrics, metrics)
+    return metrics
+
+
+def write_overlays(folder: Path, scored: ScoredSplit, files: list[Path], params: Params) -> None:
+    """Overlay PNGs of the first ``evaluate.n_overlays`` samples, titled with each image's own AP50."""
+    for i in range(min(params.evaluate.n_overlays, len(files))):
+        image, _ = load_labelled(files[i])
+        gt, pred = scored.ground_truth[i], scored.predictions[i]
+        ap50 = evaluate([gt], [pred], params.predict.max_per_image).metrics["map_50"]
+        title = f"{scored.names[i]}: AP50 {ap50:.3f}" if ap50 >= 0 else f"{scored.names[i]}: no ground truth"
+        save_overlay(
+            folder / f"{scored.names[i]}.png",
+            image,
+            gt,
+            pred,
+            title,
+            params.evaluate.confusion_score_threshold,
+            MATCH_IOU,
+        )
+
+
+def evaluate_checkpoint(paths: EvalPaths, params: Params, device: torch.device) -> dict:
+    """The ``evaluate`` stage: predict the validation split with the checkpoint, score it, write every output."""
+    files = list_samples(paths.val_dir)
+    model, state = load_trained_model(paths.checkpoint, device)
+    scored = score_files(model, files, params, device, desc="evaluate val")
+    return write_evaluation(scored, files, paths, params, {"checkpoint_epoch": int(state["epoch"]) + 1})
+
+
+def summary(metrics: dict) -> str:
+    """A few human lines: the dense and the leaderboard-equivalent figures, and AP50 per class."""
+
+    def fmt(value: float) -> str:
+        return f"{value:.4f}" if value >= 0 else "n/a"
+
+    per_class = "  ".join(f"{name} {fmt(metrics[f'ap50_{name}'])}" for name in CLASS_NAMES)
+    return "\n".join(
+        [
+            f"evaluate: {metrics['n_images']} images, {metrics['n_ground_truth']} ground-truth instances, "
+            f"{metrics['n_predictions']} predictions (checkpoint epoch {metrics.get('checkpoint_epoch', '?')})",
+            f"  map {fmt(metrics['map'])}  map_50 {fmt(metrics['map_50'])}  map_75 {fmt(metrics['map_75'])}"
+            f"  (at most {metrics['max_detections']} detections per image and class)",
+            f"  map_50_at_100 {fmt(metrics['map_50_at_100'])}  (leaderboard-equivalent: at most 100)",
+            f"  AP50 per class: {per_class}  (n/a: no ground truth)",
+        ]
+    )

@@ -144,6 +144,7 @@ def _coco_arrays(
     """COCOeval's ``precision`` (T×R×K×A×M) and ``recall`` (T×K×A×M) with K = classes 1..4 (-1 where absent)."""
     metric = _CropMeanAveragePrecision(
         iou_type="segm",
+        sync_on_compute=False,  # scored on one process; under torchrun the other ranks are not taking part
         backend=backend,
         max_detection_thresholds=caps,
         iou_thresholds=IOU_THRESHOLDS.tolist(),
@@ -236,7 +237,7 @@ def evaluate(
     return Evaluation(metrics, precision[_T50, :, :, 0, caps.index(max_detections)].T.copy())
 
 
-def _match(gt: Instances, pred: Instances, iou_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def match_instances(gt: Instances, pred: Instances, iou_threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """Class-agnostic greedy matching, best score first: ``(gt_index, pred_index)`` of the matched pairs.
 
     Each prediction takes the still unmatched ground truth of highest mask IoU ≥ ``iou_threshold``, as COCOeval
@@ -275,7 +276,7 @@ def confusion_matrix(
     matrix = np.zeros((NUM_CLASSES + 1, NUM_CLASSES + 1), np.int64)
     for gt, pred in zip(ground_truth, predictions, strict=True):
         pred = pred.select(pred.scores >= score_threshold)
-        gt_idx, pred_idx = _match(gt, pred, iou_threshold)
+        gt_idx, pred_idx = match_instances(gt, pred, iou_threshold)
         np.add.at(matrix, (gt.labels[gt_idx] - 1, pred.labels[pred_idx] - 1), 1)
         missed = np.setdiff1d(np.arange(len(gt)), gt_idx)
         spurious = np.setdiff1d(np.arange(len(pred)), pred_idx)

@@ -33,9 +33,11 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
+from torchvision.ops.poolers import initLevelMapper
 
 from cellseg import NUM_CLASSES
 from cellseg.params import AuxParams, ModelParams
@@ -105,6 +107,22 @@ def batch_maps(targets: list[dict[str, Tensor]], padded_size: tuple[int, int]) -
 
 
 # -------------------------------------------------------------------------------------------------- heads
+def set_roi_scales(roi_heads: RoIHeads) -> None:
+    """Give the RoI poolers the FPN's true strides instead of letting them guess from the first batch.
+
+    torchvision's ``MultiScaleRoIAlign`` infers each level's scale on its first call, by rounding the ratio of
+    the feature size to the image size, and keeps it (it is not in the state dict). A first batch of small
+    images (43×44, padded to 64) rounds stride 4 to 2, and every later RoI of that model, in training and in
+    inference, pools the wrong pixels. Levels '0'..'3' of every architecture here have strides 4, 8, 16 and 32.
+    """
+    for pool in (roi_heads.box_roi_pool, roi_heads.mask_roi_pool):
+        levels = [int(name) + 2 for name in pool.featmap_names]
+        pool.scales = [2.0**-level for level in levels]
+        pool.map_levels = initLevelMapper(
+            levels[0], levels[-1], canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level
+        )
+
+
 def aux_head(channels: int, hidden: int) -> nn.Sequential:
     """The reference's head: ``Conv3×3(C→hidden) + ReLU + Conv1×1(hidden→1)``, producing logits."""
     return nn.Sequential(
@@ -121,6 +139,7 @@ class CellMaskRCNN(nn.Module):
         self.backbone = detector.backbone
         self.rpn = detector.rpn
         self.roi_heads = detector.roi_heads
+        set_roi_scales(self.roi_heads)
         self.aux_weights = {"center": aux.w_center, "boundary": aux.w_boundary} if aux.enabled else {}
         if aux.enabled:
             channels = self.backbone.out_channels

@@ -208,9 +208,14 @@ class EvaluateParams:
     """Validation scoring and its pictures."""
 
     n_overlays: int
+    confusion_score_threshold: float
 
     def __post_init__(self) -> None:
         _check(self.n_overlays >= 0, "evaluate.n_overlays must be >= 0")
+        _check(
+            0.0 <= self.confusion_score_threshold < 1.0,
+            "evaluate.confusion_score_threshold must be in [0, 1)",
+        )
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,13 @@ stages and ``stages/predict.py``, so every figure comes from the same prediction
   cut by an inner tile edge is dropped, because the neighbouring tile sees that cell whole (when the overlap
   exceeds the cell's size); a cell seen whole by two tiles is kept once (the higher score wins at box IoU > 0.5
   between detections of different tiles). No cell is lost or doubled at a seam.
+- **Speed.** ``CellMaskRCNN.detect`` runs under ``torch.inference_mode``; equal-sized images and tiles share a
+  forward pass (:func:`predict_images`); :func:`for_inference` gives CPU models channels-last weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -37,8 +39,9 @@ def paste_masks(
 
     Same pixels as torchvision's ``paste_masks_in_image`` followed by ``> threshold``, without the full image.
     """
-    masks, scale = expand_masks(mask_probs[:, None], padding=1)
-    boxes = expand_boxes(boxes, scale).to(dtype=torch.int64).tolist()
+    # Small per-instance work: on the CPU it costs no device round trip per instance.
+    masks, scale = expand_masks(mask_probs[:, None].float().cpu(), padding=1)
+    boxes = expand_boxes(boxes.float().cpu(), scale).to(dtype=torch.int64).tolist()
     offsets, crops = [], []
     for mask, (x0, y0, x1, y1) in zip(masks, boxes, strict=True):
         w, h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
@@ -47,7 +50,7 @@ def paste_masks(
         cx1, cy1 = min(x1 + 1, width), min(y1 + 1, height)
         crop = resized[cy0 - y0 : max(cy1 - y0, cy0 - y0), cx0 - x0 : max(cx1 - x0, cx0 - x0)] > threshold
         offsets.append((cy0, cx0))
-        crops.append(crop.cpu().numpy())
+        crops.append(crop.numpy())
     return np.asarray(offsets, np.int64).reshape(-1, 2), crops
 
 
@@ -165,15 +168,29 @@ def postprocess(inst: Instances, params: PredictParams) -> Instances:
     return resolve_overlaps(inst) if params.resolve_overlaps else inst
 
 
+def for_inference(model: CellMaskRCNN, device: torch.device | str) -> CellMaskRCNN:
+    """Eval mode on ``device``; on the CPU with channels-last weights, which oneDNN convolves about 20% faster.
+
+    For a model used only for inference (submission, folder prediction): a training loop keeps its own layout.
+    """
+    device = torch.device(device)
+    model = model.to(device).eval()
+    return model.to(memory_format=torch.channels_last) if device.type == "cpu" else model
+
+
+def _is_tiled(image: np.ndarray, params: PredictParams) -> bool:
+    return max(image.shape[:2]) > params.tile_size
+
+
 def predict_image(
     model: CellMaskRCNN, image: np.ndarray, params: PredictParams, device: torch.device | str = "cpu"
 ) -> Instances:
     """Instances of one ``uint8 H×W×3`` image at its own resolution; tiled when larger than the tile size."""
     device = torch.device(device)
-    height, width = image.shape[:2]
-    if max(height, width) <= params.tile_size:
+    if not _is_tiled(image, params):
         (inst,) = _detect(model, [image], device, params.mask_threshold, params.batch_size)
         return postprocess(inst, params)
+    height, width = image.shape[:2]
     windows = [
         (y0, x0)
         for y0 in tile_starts(height, params.tile_size, params.tile_overlap)
@@ -193,8 +210,29 @@ def predict_images(
     images: Iterable[np.ndarray],
     params: PredictParams,
     device: torch.device | str = "cpu",
-) -> Iterable[Instances]:
-    """:func:`predict_image` over many images, lazily (one image's masks in memory at a time)."""
+) -> Iterator[Instances]:
+    """:func:`predict_image` of each image, in order and lazily.
+
+    Consecutive untiled images of the same size share a forward pass (``params.batch_size`` at most), so
+    callers that order images by size get batching without padding, which would change the detections.
+    """
+    device = torch.device(device)
     model.eval()
+    pending: list[np.ndarray] = []
     for image in images:
-        yield predict_image(model, image, params, device)
+        tiled = _is_tiled(image, params)
+        if pending and (tiled or image.shape != pending[0].shape or len(pending) == params.batch_size):
+            yield from _predict_untiled(model, pending, params, device)
+            pending = []
+        if tiled:
+            yield predict_image(model, image, params, device)
+        else:
+            pending.append(image)
+    yield from _predict_untiled(model, pending, params, device)
+
+
+def _predict_untiled(
+    model: CellMaskRCNN, images: list[np.ndarray], params: PredictParams, device: torch.device
+) -> list[Instances]:
+    found = _detect(model, images, device, params.mask_threshold, params.batch_size)
+    return [postprocess(inst, params) for inst in found]

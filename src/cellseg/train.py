@@ -17,12 +17,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from cellseg.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from cellseg.data import CellDataset, build_augmentation, collate
+from cellseg.device import select_device
 from cellseg.distributed import DistInfo, barrier, cleanup, init_distributed, mean_across_ranks
-from cellseg.evaluate import score_files
-from cellseg.fsutil import atomic_file, write_json
+from cellseg.fsutil import write_json
 from cellseg.model import CellMaskRCNN, build_model, count_parameters
 from cellseg.params import Params, ParamsError
+from cellseg.scoring import score_files
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -39,16 +41,6 @@ class TrainPaths:
     maps: Path
     models: Path
     live: Path
-
-
-def select_device(name: str) -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU; an explicit device that is not available is an error."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if name == "auto":
-        name = next(d for d in ("cuda", "mps", "cpu") if available[d])
-    if not available[name]:
-        raise ParamsError(f"train.device={name} is not available on this machine (use auto or cpu)")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -74,53 +66,6 @@ def check_inputs(params: Params, paths: TrainPaths) -> None:
             probe.unlink()
         except OSError as err:
             raise ParamsError(f"{folder}: output directory is not writable ({err.strerror})") from err
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(
-    path: Path,
-    model: CellMaskRCNN,
-    optimizer,
-    scheduler,
-    scaler,
-    epoch: int,
-    params: Params,
-    best_score: float,
-    history: list[dict],
-) -> None:
-    """Everything needed to resume or to rebuild the model, written atomically."""
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "epoch": epoch,
-        "params": params.to_dict(),
-        "best_score": best_score,
-        "history": history,
-        "rng": rng_state(),
-    }
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
-
-
-def rng_state() -> dict:
-    """Every random generator the loop draws from (RPN/RoI sampling use torch's), for an exact resume."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 # ------------------------------------------------------------------------------------------------- the loop
@@ -275,7 +220,8 @@ def _train(params: Params, paths: TrainPaths, device: torch.device, info: DistIn
         live = Live(str(paths.live), dvcyaml=None, save_dvc_exp=False, resume=start_epoch > 0)
         print(
             f"model {params.model.arch} (aux heads: {'on' if model.has_aux else 'off'}), "
-            f"{count_parameters(model):,} parameters, {len(dataset)} training images, device {device}"
+            f"{count_parameters(model):,} parameters, {len(dataset)} training images, device {device}, "
+            f"{info.world_size} process{'es' if info.world_size > 1 else ''}"
         )
     for epoch in range(start_epoch, tp.epochs):
         dataset.set_epoch(epoch)

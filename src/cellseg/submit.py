@@ -1,0 +1,104 @@
+"""The leaderboard submission: every prepared test image predicted and encoded as a COCO results list.
+
+``<out>/test-results.json`` holds ``[{"image_id", "category_id", "segmentation": {"size": [h, w], "counts": str},
+"score", "bbox": [x, y, w, h]}]``, with ``image_id`` from ``test_image_name_to_ids.json`` (carried by each
+prepared test npz), and ``<out>/submission.zip`` holds that file at its root under exactly that name, which is
+what the leaderboard reads. Both appear together or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cellseg.fsutil import atomic_dir
+from cellseg.io import DataFormatError, load_npz
+from cellseg.model import CellMaskRCNN
+from cellseg.params import PredictParams
+from cellseg.predict import predict_images
+from cellseg.rle import to_coco_results
+
+RESULTS_FILE = "test-results.json"
+ZIP_FILE = "submission.zip"
+
+
+@dataclass(frozen=True)
+class TestImage:
+    """A prepared test image and the id its predictions carry in the submission."""
+
+    path: Path
+    image: np.ndarray
+    image_id: int
+
+
+def load_test_images(test_dir: str | Path) -> list[TestImage]:
+    """Every ``<test_dir>/*.npz`` in ``image_id`` order; missing images, ids or duplicate ids are errors."""
+    test_dir = Path(test_dir)
+    files = sorted(test_dir.glob("*.npz"))
+    if not files:
+        raise DataFormatError(
+            f"{test_dir}: no test images (*.npz). The prepare stage writes them from the raw dataset's "
+            "test_release/ folder and test_image_name_to_ids.json; does data.raw_dir have them?"
+        )
+    images = []
+    for path in files:
+        arrays = load_npz(path)
+        if "image" not in arrays or "image_id" not in arrays:
+            raise DataFormatError(f"{path}: a test npz needs 'image' and 'image_id' arrays (rerun prepare)")
+        images.append(TestImage(path, arrays["image"], int(arrays["image_id"])))
+    ids = [t.image_id for t in images]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise DataFormatError(f"{test_dir}: image_id {dupes[:5]} used by more than one test image")
+    return sorted(images, key=lambda t: t.image_id)
+
+
+def predict_results(
+    model: CellMaskRCNN, tests: list[TestImage], params: PredictParams, device: torch.device
+) -> list[dict]:
+    """COCO results rows of every test image, in ``tests`` order.
+
+    Images are fed in size order, so that equal-sized ones share a forward pass.
+    """
+    order = sorted(range(len(tests)), key=lambda i: (tests[i].image.shape, i))
+    predictions = predict_images(model, (tests[i].image for i in order), params, device)
+    rows: dict[int, list[dict]] = {}
+    for i, inst in tqdm(zip(order, predictions, strict=True), total=len(order), desc="submit", unit="img"):
+        rows[i] = to_coco_results(inst, tests[i].image_id)
+    return [row for i in range(len(tests)) for row in rows[i]]
+
+
+def write_submission(rows: list[dict], out_dir: str | Path) -> Path:
+    """Write ``test-results.json`` and ``submission.zip`` (holding it at its root) atomically; return the zip."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        results = tmp / RESULTS_FILE
+        results.write_text(json.dumps(rows))
+        with zipfile.ZipFile(tmp / ZIP_FILE, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            archive.write(results, arcname=RESULTS_FILE)
+    return out_dir / ZIP_FILE
+
+
+def submit(
+    model: CellMaskRCNN,
+    test_dir: str | Path,
+    out_dir: str | Path,
+    params: PredictParams,
+    device: torch.device,
+) -> dict:
+    """Predict every test image of ``test_dir`` and write the submission to ``out_dir``; return a summary."""
+    tests = load_test_images(test_dir)
+    rows = predict_results(model, tests, params, device)
+    write_submission(rows, out_dir)
+    found = {row["image_id"] for row in rows}
+    return {
+        "images": len(tests),
+        "instances": len(rows),
+        "images_without_instances": sum(t.image_id not in found for t in tests),
+    }

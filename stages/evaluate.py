@@ -1,0 +1,28 @@
+"""Stage `evaluate`: the best checkpoint on the validation split -> COCO predictions, metrics/eval.json, plots.
+
+Usage: python stages/evaluate.py <checkpoint> <val_dir> <predictions_dir> <metrics_json> <plots_dir>
+"""
+
+import argparse
+from pathlib import Path
+
+from cellseg.device import select_device
+from cellseg.evaluate import EvalPaths, evaluate_checkpoint, summary
+from cellseg.params import load_params
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path, help="models/best.pt of the train stage")
+    parser.add_argument("val_dir", type=Path, help="prepared validation samples, <sample>.npz")
+    parser.add_argument("predictions_dir", type=Path, help="written: val-results.json, val-images.json")
+    parser.add_argument("metrics_json", type=Path, help="written: the metrics (a DVC metric)")
+    parser.add_argument("plots_dir", type=Path, help="written: pr/class<k>.csv, confusion.csv, overlays/")
+    args = parser.parse_args(argv)
+    params = load_params()
+    paths = EvalPaths(args.checkpoint, args.val_dir, args.predictions_dir, args.metrics_json, args.plots_dir)
+    print(summary(evaluate_checkpoint(paths, params, select_device(params.train.device))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""The model: all archs with and without auxiliary heads, map alignment, empty images, weight loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cellseg.data import instance_targets
+from cellseg.model import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CellTransform,
+    PretrainedWeightsError,
+    batch_maps,
+    build_model,
+    count_parameters,
+)
+from cellseg.params import ParamsError, load_params
+from conftest import ROOT
+
+SMALL = {  # keep the R50 archs cheap on CPU: few proposals and RoIs
+    "model.rpn_pre_nms_top_n_train": 200,
+    "model.rpn_post_nms_top_n_train": 100,
+    "model.rpn_pre_nms_top_n_test": 200,
+    "model.rpn_post_nms_top_n_test": 100,
+    "model.box_batch_size_per_image": 32,
+    "model.box_detections_per_img": 20,
+}
+
+
+def _params(**overrides):
+    return load_params(ROOT / "params.yaml", overrides={**SMALL, **overrides})
+
+
+def _target(labels: np.ndarray) -> dict[str, torch.Tensor]:
+    target = instance_targets(labels)
+    h, w = labels.shape[1:]
+    target["center"] = torch.rand(h, w)
+    target["boundary"] = (torch.rand(h, w) > 0.7).float()
+    return target
+
+
+def _two_images() -> tuple[list[torch.Tensor], list[dict]]:
+    """A 64×80 image with two cells of different classes and an empty 50×40 image."""
+    labels = np.zeros((4, 64, 80), np.int32)
+    labels[0, 10:20, 10:25] = 1
+    labels[1, 30:42, 30:45] = 2
+    empty = np.zeros((4, 50, 40), np.int32)
+    return [torch.rand(3, 64, 80), torch.rand(3, 50, 40)], [_target(labels), _target(empty)]
+
+
+@pytest.mark.parametrize("aux", [True, False], ids=["aux", "plain"])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        pytest.param("maskrcnn_resnet50_fpn", marks=pytest.mark.slow),
+        pytest.param("maskrcnn_resnet50_fpn_v2", marks=pytest.mark.slow),
+        "maskrcnn_resnet18_fpn_lite",
+    ],
+)
+def test_forward_backward_and_detect(arch: str, aux: bool) -> None:
+    torch.manual_seed(0)
+    model = build_model(*_model_aux(_params(**{"model.arch": arch, "aux.enabled": aux})))
+    model.train()
+    images, targets = _two_images()
+    losses = model(images, targets)
+    expected = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
+    assert set(losses) == expected | ({"loss_center", "loss_boundary"} if aux else set())
+    total = model.total_loss(losses)
+    assert torch.isfinite(total)
+    total.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    if aux:
+        assert model.center_head[0].weight.grad.abs().sum() > 0
+    model.eval()
+    (det,) = model([torch.rand(3, 70, 90)])
+    n = len(det["boxes"])
+    assert det["mask_probs"].shape == (n, 28, 28) and n <= 20
+    assert (det["boxes"][:, 2] <= 90).all() and (det["boxes"][:, 3] <= 70).all()
+
+
+def _model_aux(params):
+    return params.model, params.aux
+
+
+def test_total_loss_weights_the_aux_terms() -> None:
+    model = build_model(*_model_aux(_params(**{"aux.w_center": 0.25, "aux.w_boundary": 2.0})))
+    losses = {
+        "loss_mask": torch.tensor(1.0),
+        "loss_center": torch.tensor(4.0),
+        "loss_boundary": torch.tensor(3.0),
+    }
+    assert model.total_loss(losses).item() == pytest.approx(1.0 + 0.25 * 4.0 + 2.0 * 3.0)
+
+
+def test_without_aux_it_is_plain_mask_rcnn() -> None:
+    params = _params()
+    with_aux = build_model(params.model, params.aux)
+    plain = build_model(params.model, _params(**{"aux.enabled": False}).aux)
+    assert not hasattr(plain, "center_head") and not hasattr(plain, "boundary_head")
+    c, h = with_aux.backbone.out_channels, params.aux.hidden_channels
+    head = c * h * 9 + h + h * 1 + 1  # conv3x3 + bias, conv1x1 + bias
+    assert count_parameters(with_aux) - count_parameters(plain) == 2 * head
+    assert set(with_aux.state_dict()) - set(plain.state_dict()) == {
+        f"{name}_head.{i}.{p}" for name in ("center", "boundary") for i in (0, 2) for p in ("weight", "bias")
+    }
+
+
+@pytest.mark.parametrize("resize", ["scale", "min_max"])
+def test_maps_follow_the_images_resize_and_padding(resize: str) -> None:
+    """Two images of different sizes: after the model's transform, each map sits exactly on its image.
+
+    The centre map is made equal to the image's red channel and the boundary map to a threshold of it; both then
+    go through the transform, so the resized, padded maps must equal the resized, padded, de-normalised channel.
+    """
+    params = _params(
+        **{"model.resize": resize, "model.scale": 1.7, "model.min_size": 96, "model.max_size": 200}
+    )
+    transform = CellTransform(params.model)
+    images, targets = [], []
+    for h, w in [(45, 70), (66, 38)]:
+        image = torch.rand(3, h, w)
+        labels = np.zeros((4, h, w), np.int32)
+        labels[0, 5:15, 5:15] = 1
+        target = instance_targets(labels)
+        target["center"] = image[0].clone()
+        target["boundary"] = (image[0] > 0.5).float()
+        images.append(image)
+        targets.append(target)
+    batch, out = transform(images, targets)
+    maps = batch_maps(out, batch.tensors.shape[-2:])
+    assert maps.shape == (2, 2, *batch.tensors.shape[-2:])
+    for i, ((h, w), image) in enumerate(zip(batch.image_sizes, images, strict=True)):
+        red = batch.tensors[i, 0, :h, :w] * IMAGENET_STD[0] + IMAGENET_MEAN[0]
+        torch.testing.assert_close(maps[i, 0, :h, :w], red, atol=1e-5, rtol=0)
+        nearest = F.interpolate((image[0] > 0.5).float()[None, None], size=(h, w))[0, 0]
+        torch.testing.assert_close(maps[i, 1, :h, :w], nearest)
+        assert (
+            maps[i, :, h:, :].abs().sum() == 0 and maps[i, :, :, w:].abs().sum() == 0
+        )  # padding is background
+        assert (h, w) != tuple(batch.tensors.shape[-2:])  # padding really happened
+
+
+def test_an_image_without_instances_trains() -> None:
+    torch.manual_seed(0)
+    model = build_model(*_model_aux(_params()))
+    model.train()
+    empty = np.zeros((4, 48, 48), np.int32)
+    losses = model(
+        [torch.rand(3, 48, 48), torch.rand(3, 40, 56)], [_target(empty), _target(empty[:, :40, :56])]
+    )
+    total = model.total_loss(losses)
+    assert torch.isfinite(total)
+    total.backward()
+    assert instance_targets(empty)["boxes"].shape == (0, 4)
+
+
+def test_local_weights_file_loads_matching_tensors(tmp_path: Path) -> None:
+    params = _params()
+    torch.manual_seed(1)
+    source = build_model(params.model, params.aux)
+    torch.save({"model": source.state_dict(), "epoch": 3}, tmp_path / "ckpt.pt")  # a cellseg checkpoint
+    loaded = build_model(_params(**{"model.pretrained": str(tmp_path / "ckpt.pt")}).model, params.aux)
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)
+    torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(PretrainedWeightsError, match="other.pt: no tensor fits"):
+        build_model(_params(**{"model.pretrained": str(tmp_path / "other.pt")}).model, params.aux)
+    with pytest.raises(PretrainedWeightsError, match="missing.pt is not a file"):
+        build_model(_params(**{"model.pretrained": str(tmp_path / "missing.pt")}).model, params.aux)
+
+
+def test_offline_download_fails_fast_with_a_clear_message(tmp_path: Path, monkeypatch) -> None:
+    """Offline users get an error that says where to put the file, not a hang (the download is simulated)."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+
+    def offline(url, dst, progress=True):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    params = _params(**{"model.pretrained": "imagenet"})
+    with pytest.raises(PretrainedWeightsError, match=r"cannot download .*resnet18.*Offline\? .*checkpoints"):
+        build_model(params.model, params.aux)
+    coco = _params(**{"model.pretrained": "coco"})
+    with pytest.raises(PretrainedWeightsError, match="no COCO Mask R-CNN for ResNet-18"):
+        build_model(coco.model, coco.aux)
+
+
+def test_cached_imagenet_weights_are_used_without_network(tmp_path: Path, monkeypatch) -> None:
+    """A weights file already in torch's hub cache is loaded (here a stand-in ResNet-18 state dict)."""
+    from torchvision.models import ResNet18_Weights, resnet18
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("must not download"))
+    torch.manual_seed(2)
+    stand_in = resnet18().state_dict()
+    cached = tmp_path / "checkpoints" / Path(ResNet18_Weights.IMAGENET1K_V1.url).name
+    cached.parent.mkdir(parents=True)
+    torch.save(stand_in, cached)
+    params = _params(**{"model.pretrained": "imagenet", "model.trainable_layers": 3})
+    model = build_model(params.model, params.aux)
+    torch.testing.assert_close(model.backbone.body.conv1.weight, stand_in["conv1.weight"])
+    assert not model.backbone.body.conv1.weight.requires_grad  # 3 trainable layers: layer2..4 only
+    assert model.backbone.body.layer4[0].conv1.weight.requires_grad
+
+
+def test_parameter_errors_name_the_key() -> None:
+    with pytest.raises(ParamsError, match="model.arch must be one of"):
+        _params(**{"model.arch": "resnet9000"})
+    with pytest.raises(ParamsError, match="aux.w_boundary must be >= 0"):
+        _params(**{"aux.w_boundary": -0.1})
+    with pytest.raises(ParamsError, match="unknown key.*aux.w_boundry"):
+        _params(**{"aux.w_boundry": 0.2})
+
+
+def test_roi_poolers_know_the_fpn_strides_before_any_batch() -> None:
+    """torchvision would guess them from the first batch (wrongly for a 43-px image) and keep the guess."""
+    model = build_model(*_model_aux(_params()))
+    for pool in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool):
+        assert pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    model.train()
+    labels = np.zeros((4, 43, 44), np.int32)
+    labels[0, 5:20, 5:20] = 1
+    model([torch.rand(3, 43, 44)], [_target(labels)])
+    assert model.roi_heads.mask_roi_pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]

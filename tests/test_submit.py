@@ -1,0 +1,222 @@
+"""The submission (COCO results json + zip) and the folder prediction of ``stages/predict.py``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import zipfile
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from cellseg.instances import Instances
+from cellseg.io import DataFormatError, read_label, read_test_mapping, save_test_npz, write_image_tif
+from cellseg.predict_folder import label_maps, list_images, predict_folder
+from cellseg.rle import decode, encode_mask
+from cellseg.submit import RESULTS_FILE, ZIP_FILE, load_test_images, write_submission
+from conftest import ROOT, tiny_params
+
+
+def _stage(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    return stage
+
+
+def _run_stage(name: str, argv: list[str], tiny_project, workdir: Path) -> None:
+    """``stages/<name>.py`` main() run from a directory holding the tiny project's params.yaml, as dvc does."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(tiny_project["params"].to_dict()))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(workdir)
+        _stage(name).main(argv)
+
+
+# ------------------------------------------------------------------------------------------------ submission
+@pytest.fixture(scope="module")
+def submission(tiny_project, tmp_path_factory) -> Path:
+    """The submit stage on the tiny project (its tile size makes the larger test images tiled)."""
+    root = tmp_path_factory.mktemp("submit")
+    checkpoint, test_dir = tiny_project["models"] / "best.pt", tiny_project["prepared"] / "test"
+    _run_stage("submit", [str(checkpoint), str(test_dir), "submission"], tiny_project, root)
+    return root / "submission"
+
+
+def _coco_gt_from_mapping(mapping_path: Path) -> COCO:
+    """An annotation-less COCO ground truth holding the images of the test mapping, as the leaderboard has."""
+    coco = COCO()
+    coco.dataset = {
+        "images": [
+            {"id": e.image_id, "file_name": e.file_name, "height": e.height, "width": e.width}
+            for e in read_test_mapping(mapping_path)
+        ],
+        "annotations": [],
+        "categories": [{"id": k, "name": f"class{k}"} for k in range(1, 5)],
+    }
+    coco.createIndex()
+    return coco
+
+
+def test_zip_holds_exactly_the_results_file(submission: Path) -> None:
+    assert sorted(p.name for p in submission.iterdir()) == sorted([RESULTS_FILE, ZIP_FILE])
+    with zipfile.ZipFile(submission / ZIP_FILE) as archive:
+        assert archive.namelist() == [RESULTS_FILE]
+        assert archive.read(RESULTS_FILE) == (submission / RESULTS_FILE).read_bytes()
+
+
+def test_results_load_with_pycocotools_and_match_the_mapping(submission: Path, tiny_project) -> None:
+    rows = json.loads((submission / RESULTS_FILE).read_text())
+    assert rows, "the tiny model should detect something on the test images"
+    mapping = _coco_gt_from_mapping(tiny_project["raw"] / "test_image_name_to_ids.json")
+    results = mapping.loadRes(str(submission / RESULTS_FILE))  # asserts every image_id is in the mapping
+    assert len(results.anns) == len(rows)
+    for row in rows:
+        assert set(row) == {"image_id", "category_id", "segmentation", "score", "bbox"}
+        assert row["category_id"] in (1, 2, 3, 4)
+        assert isinstance(row["score"], float) and 0 < row["score"] <= 1
+        assert isinstance(row["segmentation"]["counts"], str)
+        image = mapping.imgs[row["image_id"]]
+        mask = decode(row["segmentation"])
+        assert row["segmentation"]["size"] == [image["height"], image["width"]]
+        assert mask.shape == (image["height"], image["width"])
+        assert encode_mask(mask) == row["segmentation"]  # round trip
+        np.testing.assert_allclose(row["bbox"], mask_utils.toBbox(row["segmentation"]))  # [x, y, w, h]
+
+
+def test_every_mapped_test_image_is_predicted(tiny_project) -> None:
+    mapping = read_test_mapping(tiny_project["raw"] / "test_image_name_to_ids.json")
+    tests = load_test_images(tiny_project["prepared"] / "test")
+    assert sorted(t.image_id for t in tests) == sorted(e.image_id for e in mapping)
+    sizes = {e.image_id: (e.height, e.width) for e in mapping}
+    assert all(t.image.shape[:2] == sizes[t.image_id] for t in tests)  # original resolution
+
+
+def test_no_test_images_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DataFormatError, match=str(tmp_path)):
+        load_test_images(tmp_path)
+
+
+def test_test_npz_without_image_id_names_the_file(tmp_path: Path) -> None:
+    np.savez(tmp_path / "a.npz", image=np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(DataFormatError, match="a.npz"):
+        load_test_images(tmp_path)
+
+
+def test_duplicate_image_ids_are_an_error(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        save_test_npz(tmp_path / f"{name}.npz", np.zeros((8, 8, 3), np.uint8), 7)
+    with pytest.raises(DataFormatError, match="7"):
+        load_test_images(tmp_path)
+
+
+def test_a_failed_write_leaves_the_previous_submission(tmp_path: Path) -> None:
+    out = tmp_path / "submission"
+    write_submission([{"image_id": 1}], out)
+    with pytest.raises(TypeError):
+        write_submission([{"image_id": object()}], out)
+    assert json.loads((out / RESULTS_FILE).read_text()) == [{"image_id": 1}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["submission"]
+
+
+# ---------------------------------------------------------------------------------------- folder prediction
+def _instances(labels: list[int], scores: list[float], boxes: list[tuple[int, int, int, int]]) -> Instances:
+    """Rectangles ``(y0, x0, h, w)`` in a 30×40 image."""
+    return Instances(
+        30,
+        40,
+        labels=np.asarray(labels, np.int64),
+        scores=np.asarray(scores, np.float32),
+        offsets=np.asarray([b[:2] for b in boxes], np.int64).reshape(-1, 2),
+        crops=[np.ones(b[2:], bool) for b in boxes],
+    )
+
+
+def test_label_maps_follow_the_raw_format() -> None:
+    """One id counter across classes (class 1 first), no map for an absent class, same instances back."""
+    inst = _instances(
+        [3, 1, 3, 1], [0.5, 0.9, 0.8, 0.6], [(0, 0, 5, 5), (10, 0, 4, 6), (20, 20, 5, 5), (0, 30, 3, 3)]
+    )
+    maps = label_maps(inst)
+    assert sorted(maps) == [1, 3] and all(m.dtype == np.float64 for m in maps.values())
+    assert sorted(np.unique(maps[1])) == [0, 1, 2] and sorted(np.unique(maps[3])) == [0, 3, 4]
+    assert maps[1][10, 0] == 1  # within a class, ids follow decreasing score
+    rows = np.zeros((4, 30, 40), np.int32)
+    for k, m in maps.items():
+        rows[k - 1] = m
+    back = Instances.from_label_rows(rows)
+    assert sorted(zip(back.labels, map(tuple, back.offsets), strict=True)) == sorted(
+        zip(inst.labels, map(tuple, inst.offsets), strict=True)
+    )
+
+
+def test_label_maps_give_overlaps_to_the_higher_score() -> None:
+    inst = _instances([2, 2], [0.4, 0.9], [(0, 0, 10, 10), (5, 5, 10, 10)])
+    labels = label_maps(inst)[2]
+    assert labels[7, 7] == 1 and labels[2, 2] == 2  # id 1 is the 0.9 instance
+
+
+class FixedDetector:
+    """Detects the same two boxes (classes 1 and 3) in any image: enough to check the files written."""
+
+    def eval(self) -> FixedDetector:
+        return self
+
+    def detect(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        return [
+            {
+                "boxes": torch.tensor([[2.0, 2, 12, 10], [15, 5, 25, 20]]),
+                "labels": torch.tensor([1, 3]),
+                "scores": torch.tensor([0.9, 0.7]),
+                "mask_probs": torch.ones(2, 28, 28),
+            }
+            for _ in images
+        ]
+
+
+def _write_images(folder: Path) -> dict[str, tuple[int, int]]:
+    """A tif in the dataset's RGBA format, an RGB png and a grayscale png; returns the sizes by stem."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    write_image_tif(folder / "a.tif", rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    Image.fromarray(rng.integers(0, 256, (33, 35, 3), dtype=np.uint8)).save(folder / "b.png")
+    Image.fromarray(rng.integers(0, 256, (60, 45), dtype=np.uint8)).save(folder / "c.png")
+    (folder / "notes.txt").write_text("not an image")
+    return {"a": (40, 50), "b": (33, 35), "c": (60, 45)}
+
+
+def test_predict_folder_writes_raw_format_label_maps(tmp_path: Path) -> None:
+    sizes = _write_images(tmp_path / "in")
+    params = tiny_params().predict
+    counts = predict_folder(FixedDetector(), tmp_path / "in", tmp_path / "out", params, torch.device("cpu"))
+    assert sorted(counts) == ["a.tif", "b.png", "c.png"]
+    for stem, size in sizes.items():
+        folder = tmp_path / "out" / stem
+        assert sorted(p.name for p in folder.iterdir()) == ["class1.tif", "class3.tif"]  # no class2/4 file
+        assert sorted(np.unique(read_label(folder / "class1.tif", size))) == [0, 1]
+        assert sorted(np.unique(read_label(folder / "class3.tif", size))) == [0, 2]
+
+
+def test_predict_cli_with_the_real_model(tiny_project, tmp_path: Path) -> None:
+    sizes = _write_images(tmp_path / "in")
+    argv = [str(tiny_project["models"] / "best.pt"), str(tmp_path / "in"), str(tmp_path / "out")]
+    _run_stage("predict", argv, tiny_project, tmp_path / "work")
+    for stem, size in sizes.items():
+        assert (tmp_path / "out" / stem).is_dir()
+        for path in (tmp_path / "out" / stem).iterdir():
+            assert path.name in ("class1.tif", "class2.tif", "class3.tif", "class4.tif")
+            assert read_label(path, size).max() > 0
+
+
+def test_same_stem_twice_is_an_error(tmp_path: Path) -> None:
+    for name in ("x.tif", "x.png"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name)
+    with pytest.raises(DataFormatError, match="x"):
+        list_images(tmp_path)
