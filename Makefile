@@ -29,8 +29,14 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# Every benchmark prints its figures and a ratio against a baseline measured in the same run.
+# bench-inference needs a trained model: run `make demo` first.
 bench: setup
 	$(RUN) python -m cellseg.bench.prepare
+	$(RUN) python -m cellseg.bench.maps
+	$(RUN) python -m cellseg.bench.metric
+	$(RUN) python -m cellseg.bench.aux
+	$(RUN) python -m cellseg.bench.inference models/best.pt
 
 clean-venv:
 	rm -rf $(VENV)

@@ -128,6 +128,8 @@ def summary(metrics: dict) -> str:
         return f"{value:.4f}" if value >= 0 else "n/a"
 
     per_class = "  ".join(f"{name} {fmt(metrics[f'ap50_{name}'])}" for name in CLASS_NAMES)
+    if any(metrics[f"ap50_{name}"] < 0 for name in CLASS_NAMES):
+        per_class += "  (n/a: no ground truth)"
     return "\n".join(
         [
             f"evaluate: {metrics['n_images']} images, {metrics['n_ground_truth']} ground-truth instances, "
@@ -135,6 +137,6 @@ def summary(metrics: dict) -> str:
             f"  map {fmt(metrics['map'])}  map_50 {fmt(metrics['map_50'])}  map_75 {fmt(metrics['map_75'])}"
             f"  (at most {metrics['max_detections']} detections per image and class)",
             f"  map_50_at_100 {fmt(metrics['map_50_at_100'])}  (leaderboard-equivalent: at most 100)",
-            f"  AP50 per class: {per_class}  (n/a: no ground truth)",
+            f"  AP50 per class: {per_class}",
         ]
     )
