@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from conftest import ROOT, tiny_params
 
 pytestmark = pytest.mark.slow
@@ -20,8 +21,12 @@ COPIED = ("dvc.yaml", "stages", "src", ".dvc/config", ".dvc/.gitignore", ".gitig
 
 
 def _run(repo: Path, *args: str) -> str:
-    env = {**os.environ, "PATH": f"{Path(os.sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(os.sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     result = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{output[-5000:]}"
@@ -57,7 +62,9 @@ def test_repro_produces_metrics_plots_and_submission(repo: Path) -> None:
         assert key in metrics
     with zipfile.ZipFile(repo / "submission" / "submission.zip") as archive:
         assert archive.namelist() == ["test-results.json"]
-    assert sorted(p.name for p in (repo / "plots" / "eval" / "pr").iterdir()) == [f"class{k}.csv" for k in range(1, 5)]
+    assert sorted(p.name for p in (repo / "plots" / "eval" / "pr").iterdir()) == [
+        f"class{k}.csv" for k in range(1, 5)
+    ]
     assert list((repo / "plots" / "eval" / "overlays").glob("*.png"))
     shown = _run(repo, "dvc", "metrics", "show")
     assert "metrics/eval.json" in shown and "map_50" in shown

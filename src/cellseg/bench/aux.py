@@ -97,14 +97,18 @@ def run(name: str, repeats: int) -> None:
     images, targets = batch(image, labels, params)
     torch.manual_seed(0)
     with_aux = build_model(params.model, params.aux).train()
-    plain = build_model(params.model, load_params(overrides={**CONFIGS[name], "aux.enabled": False}).aux).train()
+    plain = build_model(
+        params.model, load_params(overrides={**CONFIGS[name], "aux.enabled": False}).aux
+    ).train()
     plain.load_state_dict(with_aux.state_dict(), strict=False)  # same weights; the plain model has no heads
     t_aux = step_time(with_aux, images, targets, repeats)
     t_plain = step_time(plain, images, targets, repeats)
     t_heads = heads_time(with_aux, images, targets, repeats)
-    print(f"[{name}] {params.model.arch}, heads {params.aux.hidden_channels} ch, "
-          f"RoIs/image {params.model.box_batch_size_per_image}, {source} {image.shape[0]}x{image.shape[1]} "
-          f"({int(targets[0]['labels'].numel())} instances), {torch.get_num_threads()} threads")
+    print(
+        f"[{name}] {params.model.arch}, heads {params.aux.hidden_channels} ch, "
+        f"RoIs/image {params.model.box_batch_size_per_image}, {source} {image.shape[0]}x{image.shape[1]} "
+        f"({int(targets[0]['labels'].numel())} instances), {torch.get_num_threads()} threads"
+    )
     print(f"  parameters: {count_parameters(plain):,} plain, {count_parameters(with_aux):,} with heads")
     print(f"  training step without heads: {t_plain:7.3f} s (best of {repeats})")
     print(f"  training step with heads:    {t_aux:7.3f} s")
