@@ -46,13 +46,15 @@ def repo(tmp_path_factory) -> Path:
             shutil.copy2(source, repo / name)
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params().to_dict(), sort_keys=False))
     _run(repo, "git", "init", "-q")
+    _run(repo, "git", "config", "user.name", "cellseg test")  # dvc exp run commits too: no global identity needed
+    _run(repo, "git", "config", "user.email", "test@cellseg.invalid")
     _run(repo, "git", "add", "-A")
-    _run(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny project")
+    _run(repo, "git", "commit", "-qm", "tiny project")
     repro = _run(repo, "dvc", "repro")
     for stage in ("synth", "prepare", "maps", "train", "evaluate", "submit"):
         assert f"Running stage '{stage}'" in repro
     _run(repo, "git", "add", "-A")
-    _run(repo, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline run")
+    _run(repo, "git", "commit", "-qm", "baseline run")
     return repo
 
 
