@@ -6,6 +6,7 @@ Usage: python stages/evaluate.py <checkpoint> <val_dir> <predictions_dir> <metri
 import argparse
 from pathlib import Path
 
+from cellseg.cli import run
 from cellseg.device import select_device
 from cellseg.evaluate import EvalPaths, evaluate_checkpoint, summary
 from cellseg.params import load_params
@@ -25,4 +26,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

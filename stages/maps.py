@@ -5,6 +5,7 @@ Usage: python stages/maps.py <prepared_dir> <maps_dir> <previews_dir>
 
 import argparse
 
+from cellseg.cli import run
 from cellseg.maps import write_maps
 from cellseg.params import load_params
 
@@ -21,4 +22,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -6,6 +6,7 @@ Usage: python stages/prepare.py <raw_dir> <prepared_dir> <split.json> <data.json
 import argparse
 import json
 
+from cellseg.cli import run
 from cellseg.params import load_params
 from cellseg.prepare import prepare_dataset
 
@@ -25,4 +26,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

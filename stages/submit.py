@@ -7,6 +7,7 @@ import argparse
 import json
 
 from cellseg.checkpoint import load_trained_model
+from cellseg.cli import run
 from cellseg.device import select_device
 from cellseg.params import load_params
 from cellseg.submit import submit
@@ -26,4 +27,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

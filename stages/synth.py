@@ -8,6 +8,7 @@ from functools import partial
 
 from tqdm import tqdm
 
+from cellseg.cli import run
 from cellseg.fsutil import atomic_dir
 from cellseg.params import load_params
 from cellseg.synth import write_dataset
@@ -24,4 +25,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -7,6 +7,7 @@ Distributed: torchrun --nproc_per_node=N stages/train.py ... (only rank 0 writes
 import argparse
 from pathlib import Path
 
+from cellseg.cli import run
 from cellseg.params import load_params
 from cellseg.train import TrainPaths, train
 
@@ -20,4 +21,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +113,21 @@ def test_mapping_size_must_match_the_test_image(tmp_path: Path) -> None:
     write_image_tif(raw / "test_release" / "test-00.tif", np.zeros((10, 10, 3), np.uint8))
     with pytest.raises(DataFormatError, match=r"test-00\.tif: image is 10×10 but the mapping says 48×64"):
         _prepare(raw, tmp_path)
+
+
+def test_stage_script_reports_bad_input_in_one_line(tmp_path: Path) -> None:
+    """A user's mistake ends with `error: <file>: <problem>` and exit code 1, not a traceback."""
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "prepare.py"), "missing-raw", "out", "s.json", "d.json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1
+    assert (
+        run.stderr.strip().splitlines()[-1] == "error: missing-raw/train: missing folder "
+        "(expected <raw>/train/<sample>/image.tif)"
+    )
+    assert "Traceback" not in run.stderr and not (tmp_path / "out").exists()

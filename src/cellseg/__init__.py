@@ -6,3 +6,7 @@ NUM_CLASSES = 4
 CLASS_NAMES = tuple(f"class{k}" for k in range(1, NUM_CLASSES + 1))
 
 __version__ = "0.1.0"
+
+
+class CellsegError(Exception):
+    """Base of the errors a user can fix (bad input, bad params, missing weights): the message says how."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from cellseg import NUM_CLASSES
+from cellseg import NUM_CLASSES, CellsegError
 from cellseg.fsutil import save_npz
 
 IMAGE_FILE = "image.tif"
@@ -33,7 +33,7 @@ TEST_MAPPING = "test_image_name_to_ids.json"
 _INT32_MAX = np.iinfo(np.int32).max
 
 
-class DataFormatError(ValueError):
+class DataFormatError(CellsegError, ValueError):
     """Input that does not follow the dataset format. The message names the file and what is wrong."""
 
 

@@ -39,7 +39,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.ops.poolers import initLevelMapper
 
-from cellseg import NUM_CLASSES
+from cellseg import NUM_CLASSES, CellsegError
 from cellseg.params import AuxParams, ModelParams
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -49,7 +49,7 @@ LITE_ARCH = "maskrcnn_resnet18_fpn_lite"
 LITE_CHANNELS = 64
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(CellsegError, RuntimeError):
     """Pretrained weights could not be obtained (typically: offline and not cached)."""
 
 

@@ -17,10 +17,12 @@ from typing import Any
 
 import yaml
 
+from cellseg import CellsegError
+
 ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn_lite")
 
 
-class ParamsError(ValueError):
+class ParamsError(CellsegError, ValueError):
     """A parameter is missing, unknown, of the wrong type or out of range."""
 
 

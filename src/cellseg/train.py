@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from cellseg import CellsegError
 from cellseg.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from cellseg.data import CellDataset, build_augmentation, collate
 from cellseg.device import select_device
@@ -29,7 +30,7 @@ from cellseg.scoring import score_files
 LAST, BEST = "last.pt", "best.pt"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(CellsegError, RuntimeError):
     """The loss became NaN or infinite; training stopped and the last good checkpoint was kept."""
 
 
