@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,9 +63,8 @@ def check_inputs(params: Params, paths: TrainPaths) -> None:
     for folder in (paths.models, paths.live):
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / ".write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
+            with tempfile.TemporaryFile(dir=folder):  # a unique name: torchrun's ranks probe at the same time
+                pass
         except OSError as err:
             raise ParamsError(f"{folder}: output directory is not writable ({err.strerror})") from err
 
