@@ -68,9 +68,14 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
-    """Write arrays to a compressed ``.npz``, atomically."""
+    """Write arrays to an uncompressed ``.npz``, atomically.
+
+    Uncompressed because the training loop reads every sample every epoch: zlib made loading a prepared sample
+    8× slower (6.9 ms vs 0.8 ms on the real 397×482 sample). Four int32 label rows take 16 bytes per pixel, no
+    more than the real data's own uncompressed float64 class files.
+    """
     with atomic_file(path, suffix=".npz") as tmp:
-        np.savez_compressed(tmp, **arrays)
+        np.savez(tmp, **arrays)
 
 
 def _umask() -> int:
