@@ -46,7 +46,9 @@ def repo(tmp_path_factory) -> Path:
             shutil.copy2(source, repo / name)
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params().to_dict(), sort_keys=False))
     _run(repo, "git", "init", "-q")
-    _run(repo, "git", "config", "user.name", "cellseg test")  # dvc exp run commits too: no global identity needed
+    _run(
+        repo, "git", "config", "user.name", "cellseg test"
+    )  # dvc exp run commits too: no global identity needed
     _run(repo, "git", "config", "user.email", "test@cellseg.invalid")
     _run(repo, "git", "add", "-A")
     _run(repo, "git", "commit", "-qm", "tiny project")

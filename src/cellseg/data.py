@@ -92,9 +92,6 @@ class CellDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def name(self, index: int) -> str:
-        return self.files[index].stem
-
     def load(self, index: int) -> dict[str, np.ndarray]:
         """The raw arrays of one sample: ``image``, ``labels`` and, with maps, ``center`` and ``boundary``."""
         path = self.files[index]

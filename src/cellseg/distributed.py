@@ -56,15 +56,6 @@ def mean_across_ranks(values: dict[str, float], info: DistInfo) -> dict[str, flo
     return {k: float(v) / info.world_size for k, v in zip(keys, tensor.tolist(), strict=True)}
 
 
-def broadcast_flag(flag: bool, info: DistInfo) -> bool:
-    """Rank 0's decision, shared with every rank (e.g. "stop now")."""
-    if not info.enabled:
-        return flag
-    tensor = torch.tensor([int(flag)])
-    dist.broadcast(tensor, src=0)
-    return bool(tensor.item())
-
-
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -348,5 +348,5 @@ def build_model(params: ModelParams, aux: AuxParams) -> CellMaskRCNN:
     return model
 
 
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
