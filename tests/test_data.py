@@ -136,3 +136,15 @@ def test_missing_maps_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "maps" / "s1.npz").unlink()
     with pytest.raises(DataFormatError, match=r"s1\.npz: file not found"):
         dataset[1]
+
+
+def test_ids_near_the_int32_limit_and_rows_without_background() -> None:
+    """Instance splitting must not allocate per possible id (find_objects does), nor lose an id that covers a row."""
+    labels = np.zeros((4, 20, 20), np.int32)
+    labels[0, 2:5, 2:5] = 2_000_000_000
+    labels[0, 6:9, 6:9] = 7
+    labels[1] = 2_000_000_000  # fills the whole row: no background pixel
+    labels[1, 1:3, 1:3] = 2_000_000_001
+    target = instance_targets(labels)
+    assert target["labels"].tolist() == [1, 1, 2, 2]
+    assert sorted(int(m.sum()) for m in target["masks"]) == [4, 9, 9, 396]

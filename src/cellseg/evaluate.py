@@ -21,12 +21,12 @@ import torch
 from cellseg import CLASS_NAMES
 from cellseg.checkpoint import load_trained_model
 from cellseg.fsutil import atomic_dir, atomic_file, write_json
-from cellseg.io import DataFormatError
+from cellseg.io import DataFormatError, load_npz
 from cellseg.metrics import confusion_matrix, evaluate
 from cellseg.params import Params
 from cellseg.plots import save_overlay, write_confusion, write_pr_curves
 from cellseg.rle import to_coco_results
-from cellseg.scoring import ScoredSplit, load_labelled, score_files
+from cellseg.scoring import ScoredSplit, score_files
 
 RESULTS_FILE, IMAGES_FILE = "val-results.json", "val-images.json"
 PR_DIR, CONFUSION_FILE, OVERLAYS_DIR = "pr", "confusion.csv", "overlays"
@@ -98,7 +98,7 @@ def write_evaluation(
 def write_overlays(folder: Path, scored: ScoredSplit, files: list[Path], params: Params) -> None:
     """Overlay PNGs of the first ``evaluate.n_overlays`` samples, titled with each image's own AP50."""
     for i in range(min(params.evaluate.n_overlays, len(files))):
-        image, _ = load_labelled(files[i])
+        image = load_npz(files[i])["image"]  # its ground truth is already in ``scored``
         gt, pred = scored.ground_truth[i], scored.predictions[i]
         ap50 = evaluate([gt], [pred], params.predict.max_per_image).metrics["map_50"]
         title = f"{scored.names[i]}: AP50 {ap50:.3f}" if ap50 >= 0 else f"{scored.names[i]}: no ground truth"

@@ -13,6 +13,12 @@ import numpy as np
 from scipy import ndimage
 
 
+def _compact_ids(row: np.ndarray) -> np.ndarray:
+    """The same instances renumbered 1..n in id order; 0 stays background."""
+    ids, inverse = np.unique(row, return_inverse=True)
+    return (inverse.reshape(row.shape) + (ids[0] != 0)).astype(np.int32)
+
+
 @dataclass
 class Instances:
     """N instances of an image of ``height × width`` pixels.
@@ -41,11 +47,14 @@ class Instances:
         """Ground truth from prepared label rows (``4×H×W``; row k holds the ids of class k+1).
 
         Each distinct non-zero id of a row is one instance, whether or not its pixels are connected, so touching
-        cells stay separate. Linear in the image area: one ``find_objects`` pass per row.
+        cells stay separate. Linear in the image area: one ``find_objects`` pass per row. ``find_objects`` returns
+        one slot per id up to the largest, so a row with ids far above its pixel count is renumbered first.
         """
         _, height, width = labels.shape
         out_labels, offsets, crops = [], [], []
         for k, row in enumerate(labels):
+            if row.size and row.max() > row.size:
+                row = _compact_ids(row)
             slices = ndimage.find_objects(row)
             for instance_id, sl in enumerate(slices, start=1):
                 if sl is None:

@@ -45,8 +45,8 @@ def split_train_val(names: list[str], val_fraction: float, seed: int) -> dict[st
 
 
 def _instance_counts(labels: np.ndarray) -> list[int]:
-    """Instances per class row: distinct non-zero ids."""
-    return [int(np.count_nonzero(np.bincount(row.ravel())[1:])) for row in labels]
+    """Instances per class row: distinct non-zero ids (``np.unique``: ids may be as large as int32 allows)."""
+    return [int(np.count_nonzero(np.unique(row))) for row in labels]
 
 
 def summarize(per_image: list[dict], split: dict[str, list[str]], n_test: int) -> dict:
