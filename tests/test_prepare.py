@@ -93,6 +93,35 @@ def test_split_is_deterministic_stable_and_never_empties_train() -> None:
     assert len(split_train_val(["a", "b"], 0.01, seed=0)["val"]) == 1
 
 
+def test_group_split_keeps_every_source_image_on_one_side() -> None:
+    # 20 source images of 16 tiles each, named like consep-dev's tiles: train_<image>_<tile>
+    names = [f"train_{image}_{tile:03d}" for image in range(1, 21) for tile in range(16)]
+    split = split_train_val(names, 0.2, seed=0, group_regex=r"^(train_\d+)_")
+    group_of = {n: n.rsplit("_", 1)[0] for n in names}
+    val_groups = {group_of[n] for n in split["val"]}
+    train_groups = {group_of[n] for n in split["train"]}
+    assert val_groups and not val_groups & train_groups
+    assert len(split["val"]) == 64  # 4 whole images: round(320 * 0.2) reached exactly
+    assert sorted(split["train"] + split["val"]) == sorted(names)
+    # the plain hash split of the same names mixes tiles of one image across the sides
+    plain = split_train_val(names, 0.2, seed=0)
+    assert {group_of[n] for n in plain["val"]} & {group_of[n] for n in plain["train"]}
+
+
+def test_group_split_without_a_match_falls_back_to_one_group_per_sample() -> None:
+    names = [f"s{i}" for i in range(50)]
+    assert split_train_val(names, 0.2, seed=0, group_regex=r"^(train_\d+)_") == split_train_val(names, 0.2, 0)
+    # a single group cannot be split: it all trains
+    assert split_train_val(["t_1_a", "t_1_b"], 0.5, seed=0, group_regex=r"^(t_\d+)_")["val"] == []
+
+
+def test_invalid_group_regex_is_a_params_error(tmp_path: Path) -> None:
+    from cellseg.params import DataParams, ParamsError
+
+    with pytest.raises(ParamsError, match="data.group_regex"):
+        DataParams(raw_dir="x", val_fraction=0.2, seed=0, group_regex="(unclosed")
+
+
 def test_failure_leaves_no_partial_output_and_keeps_previous(tmp_path: Path) -> None:
     raw = make_raw_dataset(tmp_path / "raw", n_train=4)
     prepared, _ = _prepare(raw, tmp_path)

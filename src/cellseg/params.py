@@ -9,6 +9,7 @@ names the key. Each section checks its own values in ``__post_init__``.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -38,9 +39,14 @@ class DataParams:
     raw_dir: str
     val_fraction: float
     seed: int
+    group_regex: str
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
+        try:
+            re.compile(self.group_regex)
+        except re.error as err:
+            raise ParamsError(f"data.group_regex is not a valid regular expression: {err}") from None
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ and the training loop reads every sample every epoch. Converting once, losslessl
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -28,19 +29,41 @@ from cellseg.params import DataParams
 SPLITS = ("train", "val")
 
 
-def split_train_val(names: list[str], val_fraction: float, seed: int) -> dict[str, list[str]]:
-    """Deterministic split: samples ranked by a hash of (seed, name); the first ``round(n·fraction)`` are val.
+def sample_group(name: str, group_regex: str) -> str:
+    """The group (source image) of a sample: the regex's first group, or the whole match; the name itself
+    when ``group_regex`` is empty or does not match (a sample then forms a group of its own)."""
+    if not group_regex:
+        return name
+    match = re.search(group_regex, name)
+    if match is None:
+        return name
+    return match.group(1) if match.groups() else match.group(0)
 
+
+def split_train_val(
+    names: list[str], val_fraction: float, seed: int, group_regex: str = ""
+) -> dict[str, list[str]]:
+    """Deterministic split: groups ranked by a hash of (seed, group); the first groups go to val until they
+    hold ``round(n·fraction)`` samples.
+
+    A group is a source image (``group_regex`` takes it from the sample name), so tiles of one image never
+    straddle the split and validation scores unseen tissue; without a regex every sample is its own group.
     A hash rank (rather than a shuffled list) keeps the assignment of existing samples almost unchanged when
-    samples are added, and is the same on every platform and numpy version. At least one sample stays in
-    train; with a non-zero fraction and two or more samples, at least one goes to val.
+    samples are added, and is the same on every platform and numpy version. At least one group stays in
+    train; with a non-zero fraction and two or more groups, at least one goes to val.
     """
-    ranked = sorted(names, key=lambda n: hashlib.sha256(f"{seed}:{n}".encode()).hexdigest())
-    n_val = round(len(names) * val_fraction)
-    if val_fraction > 0 and len(names) >= 2:
-        n_val = max(n_val, 1)
-    n_val = min(n_val, len(names) - 1)
-    val = set(ranked[:n_val])
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(sample_group(name, group_regex), []).append(name)
+    ranked = sorted(groups, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
+    target = round(len(names) * val_fraction)
+    if val_fraction > 0 and len(groups) >= 2:
+        target = max(target, 1)
+    val: set[str] = set()
+    for group in ranked[: len(ranked) - 1]:  # the last-ranked group always trains
+        if len(val) >= target:
+            break
+        val.update(groups[group])
     return {"train": sorted(n for n in names if n not in val), "val": sorted(val)}
 
 
@@ -95,7 +118,7 @@ def prepare_dataset(
     raw_dir = Path(raw_dir)
     samples = list_train_samples(raw_dir)
     tests = list_test_images(raw_dir)  # validates the mapping before any work is done
-    split = split_train_val([s.name for s in samples], params.val_fraction, params.seed)
+    split = split_train_val([s.name for s in samples], params.val_fraction, params.seed, params.group_regex)
     split_of = {name: s for s, names in split.items() for name in names}
     per_image = []
     with atomic_dir(out_dir) as tmp:
@@ -116,6 +139,9 @@ def prepare_dataset(
                 )
             save_test_npz(tmp / "test" / f"{Path(entry.file_name).stem}.npz", image, entry.image_id)
         summary = summarize(per_image, split, len(tests))
-        write_json(split_path, {"seed": params.seed, "val_fraction": params.val_fraction, **split})
+        write_json(
+            split_path,
+            {"seed": params.seed, "val_fraction": params.val_fraction, "group_regex": params.group_regex, **split},
+        )
         write_json(summary_path, summary)
     return summary
