@@ -141,7 +141,12 @@ def prepare_dataset(
         summary = summarize(per_image, split, len(tests))
         write_json(
             split_path,
-            {"seed": params.seed, "val_fraction": params.val_fraction, "group_regex": params.group_regex, **split},
+            {
+                "seed": params.seed,
+                "val_fraction": params.val_fraction,
+                "group_regex": params.group_regex,
+                **split,
+            },
         )
         write_json(summary_path, summary)
     return summary
