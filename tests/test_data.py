@@ -59,6 +59,18 @@ def test_defaults_are_the_reference_augmentation() -> None:
     assert kinds == [A.HorizontalFlip, A.RandomRotate90, A.ElasticTransform]
 
 
+def test_stain_jitter_changes_the_image_colours_only(tmp_path: Path) -> None:
+    """HEStain recolours the image; instance masks and both maps stay exactly as they were."""
+    params = load_params(ROOT / "params.yaml", overrides={"augment.stain_p": 1.0, "augment.elastic_p": 0.0})
+    augmentation = build_augmentation(params.augment)
+    assert [type(t) for t in augmentation.transforms] == [A.HEStain]
+    plain, stained = _dataset(tmp_path), _dataset(tmp_path, augment=augmentation)
+    (image, target), (image_s, target_s) = plain[0], stained[0]
+    assert image_s.shape == image.shape and (image_s - image).abs().mean() > 0.005  # colours did move
+    for key in ("masks", "boxes", "labels", "center", "boundary"):
+        torch.testing.assert_close(target_s[key], target[key])
+
+
 def test_warping_the_label_rows_equals_warping_each_instance_mask() -> None:
     """One nearest-neighbour warp of the label rows gives exactly the per-instance warped masks."""
     labels = _labels()

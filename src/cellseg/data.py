@@ -21,7 +21,13 @@ from cellseg.params import AugmentParams
 
 
 def build_augmentation(params: AugmentParams) -> A.Compose | None:
-    """The reference's ``ElasticTransform`` plus optional flips and 90° rotations; ``None`` when all are off."""
+    """The reference's ``ElasticTransform`` plus optional flips, 90° rotations and H&E stain jitter; ``None``
+    when all are off.
+
+    Stain jitter (albumentations' ``HEStain``: the image is unmixed into haematoxylin and eosin, each stain's
+    intensity scaled and shifted, then mixed again) changes colours the way another lab's staining would; it is
+    an image-only transform, so masks and maps are untouched.
+    """
     candidates = [
         (params.hflip_p, lambda p: A.HorizontalFlip(p=p)),
         (params.vflip_p, lambda p: A.VerticalFlip(p=p)),
@@ -29,6 +35,15 @@ def build_augmentation(params: AugmentParams) -> A.Compose | None:
         (
             params.elastic_p,
             lambda p: A.ElasticTransform(alpha=params.elastic_alpha, sigma=params.elastic_sigma, p=p),
+        ),
+        (
+            params.stain_p,
+            lambda p: A.HEStain(
+                method=params.stain_method,
+                intensity_scale_range=(1 - params.stain_scale, 1 + params.stain_scale),
+                intensity_shift_range=(-params.stain_shift, params.stain_shift),
+                p=p,
+            ),
         ),
     ]
     transforms = [make(p) for p, make in candidates if p > 0]

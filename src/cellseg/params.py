@@ -20,6 +20,7 @@ import yaml
 
 from cellseg import CellsegError
 
+STAIN_METHODS = ("random_preset", "macenko", "vahadane")
 ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn_lite")
 
 
@@ -151,10 +152,20 @@ class AugmentParams:
     hflip_p: float
     vflip_p: float
     rotate90_p: float
+    stain_p: float
+    stain_method: str
+    stain_scale: float
+    stain_shift: float
 
     def __post_init__(self) -> None:
-        for key in ("elastic_p", "hflip_p", "vflip_p", "rotate90_p"):
+        for key in ("elastic_p", "hflip_p", "vflip_p", "rotate90_p", "stain_p"):
             _check(0.0 <= getattr(self, key) <= 1.0, f"augment.{key} must be a probability in [0, 1]")
+        _check(
+            self.stain_method in STAIN_METHODS,
+            f"augment.stain_method must be one of {', '.join(STAIN_METHODS)}; got {self.stain_method!r}",
+        )
+        _check(0.0 <= self.stain_scale <= 0.5, "augment.stain_scale must be in [0, 0.5]")
+        _check(0.0 <= self.stain_shift <= 0.3, "augment.stain_shift must be in [0, 0.3]")
 
 
 @dataclass(frozen=True)
