@@ -210,6 +210,7 @@ class PredictParams:
     tile_overlap: int
     batch_size: int
     resolve_overlaps: bool
+    tta_views: int
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.score_threshold < 1.0, "predict.score_threshold must be in [0, 1)")
@@ -220,6 +221,7 @@ class PredictParams:
             0 <= self.tile_overlap < self.tile_size // 2, "predict.tile_overlap must be in [0, tile_size/2)"
         )
         _check(self.batch_size >= 1, "predict.batch_size must be >= 1")
+        _check(self.tta_views in (1, 2, 4), "predict.tta_views must be 1 (off), 2 or 4 (flips)")
 
 
 @dataclass(frozen=True)

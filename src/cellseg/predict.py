@@ -27,6 +27,7 @@ from torchvision.ops import box_iou
 from cellseg.instances import Instances
 from cellseg.model import CellMaskRCNN
 from cellseg.params import PredictParams
+from cellseg.tta import detect_with_flips
 
 SEAM_MARGIN = 2
 """A detection whose box comes within this many pixels of an inner tile edge counts as cut by it."""
@@ -84,15 +85,15 @@ def _image_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def _detect(
-    model: CellMaskRCNN, images: list[np.ndarray], device: torch.device, threshold: float, batch_size: int
+    model: CellMaskRCNN, images: list[np.ndarray], device: torch.device, params: PredictParams
 ) -> list[Instances]:
-    """Run the model over ``images`` in batches of equal-sized images."""
+    """Run the model (with ``params.tta_views`` flips) over ``images`` in batches of equal-sized images."""
     out: list[Instances] = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        dets = model.detect([_image_tensor(im, device) for im in chunk])
+    for start in range(0, len(images), params.batch_size):
+        chunk = images[start : start + params.batch_size]
+        dets = detect_with_flips(model, [_image_tensor(im, device) for im in chunk], params.tta_views)
         out += [
-            detections_to_instances(d, im.shape[0], im.shape[1], threshold)
+            detections_to_instances(d, im.shape[0], im.shape[1], params.mask_threshold)
             for d, im in zip(dets, chunk, strict=True)
         ]
     return out
@@ -188,7 +189,7 @@ def predict_image(
     """Instances of one ``uint8 H×W×3`` image at its own resolution; tiled when larger than the tile size."""
     device = torch.device(device)
     if not _is_tiled(image, params):
-        (inst,) = _detect(model, [image], device, params.mask_threshold, params.batch_size)
+        (inst,) = _detect(model, [image], device, params)
         return postprocess(inst, params)
     height, width = image.shape[:2]
     windows = [
@@ -197,7 +198,7 @@ def predict_image(
         for x0 in tile_starts(width, params.tile_size, params.tile_overlap)
     ]
     tiles = [image[y0 : y0 + params.tile_size, x0 : x0 + params.tile_size] for y0, x0 in windows]
-    found = _detect(model, tiles, device, params.mask_threshold, params.batch_size)
+    found = _detect(model, tiles, device, params)
     parts = [
         (_drop_cut_by_inner_edges(inst, y0, x0, tile.shape[0], tile.shape[1], height, width), y0, x0)
         for inst, tile, (y0, x0) in zip(found, tiles, windows, strict=True)
@@ -234,5 +235,5 @@ def predict_images(
 def _predict_untiled(
     model: CellMaskRCNN, images: list[np.ndarray], params: PredictParams, device: torch.device
 ) -> list[Instances]:
-    found = _detect(model, images, device, params.mask_threshold, params.batch_size)
+    found = _detect(model, images, device, params)
     return [postprocess(inst, params) for inst in found]
