@@ -1,26 +1,30 @@
 """Stage `evaluate`: the best checkpoint on the validation split -> COCO predictions, metrics/eval.json, plots.
 
-Usage: python stages/evaluate.py <checkpoint> <val_dir> <predictions_dir> <metrics_json> <plots_dir>
+Usage: python stages/evaluate.py <checkpoint> <thresholds_json> <val_dir> <predictions_dir> <metrics_json> <plots_dir>
 """
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from cellseg.cli import run
 from cellseg.device import select_device
 from cellseg.evaluate import EvalPaths, evaluate_checkpoint, summary
 from cellseg.params import load_params
+from cellseg.thresholds import tuned_predict_params
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, help="models/best.pt of the train stage")
+    parser.add_argument("thresholds", type=Path, help="models/thresholds.json of the tune stage")
     parser.add_argument("val_dir", type=Path, help="prepared validation samples, <sample>.npz")
     parser.add_argument("predictions_dir", type=Path, help="written: val-results.json, val-images.json")
     parser.add_argument("metrics_json", type=Path, help="written: the metrics (a DVC metric)")
     parser.add_argument("plots_dir", type=Path, help="written: pr/class<k>.csv, confusion.csv, overlays/")
     args = parser.parse_args(argv)
     params = load_params()
+    params = dataclasses.replace(params, predict=tuned_predict_params(params.predict, args.thresholds))
     paths = EvalPaths(args.checkpoint, args.val_dir, args.predictions_dir, args.metrics_json, args.plots_dir)
     print(summary(evaluate_checkpoint(paths, params, select_device(params.train.device))))
 

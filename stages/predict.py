@@ -6,12 +6,14 @@ Reads the `predict` settings (and `train.device`) from params.yaml in the workin
 
 import argparse
 import json
+from pathlib import Path
 
 from cellseg.checkpoint import load_trained_model
 from cellseg.cli import run
 from cellseg.device import select_device
 from cellseg.params import load_params
 from cellseg.predict_folder import IMAGE_SUFFIXES, predict_folder
+from cellseg.thresholds import THRESHOLDS_FILE, tuned_predict_params
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,11 +21,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="e.g. models/best.pt")
     parser.add_argument("image_folder", help=f"images to predict ({', '.join(IMAGE_SUFFIXES)})")
     parser.add_argument("out_dir", help="written: <stem>/class{k}.tif per image (absent when no instance)")
+    parser.add_argument(
+        "--thresholds",
+        type=Path,
+        help="tuned thresholds (default: thresholds.json next to the checkpoint, if there is one; "
+        "otherwise predict.label_score_threshold and predict.mask_threshold of params.yaml)",
+    )
     args = parser.parse_args(argv)
     params = load_params()
     device = select_device(params.train.device)
     model, _ = load_trained_model(args.checkpoint, device)
-    counts = predict_folder(model, args.image_folder, args.out_dir, params.predict, device)
+    thresholds = args.thresholds
+    if thresholds is None and (Path(args.checkpoint).parent / THRESHOLDS_FILE).is_file():
+        thresholds = Path(args.checkpoint).parent / THRESHOLDS_FILE
+    predict = tuned_predict_params(params.predict, thresholds)
+    print(
+        f"thresholds: score >= {predict.label_score_threshold}, mask > {predict.mask_threshold} "
+        f"({thresholds or 'params.yaml'})"
+    )
+    counts = predict_folder(model, args.image_folder, args.out_dir, predict, device)
     print(json.dumps(counts, indent=2))
 
 

@@ -1,6 +1,6 @@
 """Stage `submit`: the checkpoint predicts every prepared test image -> test-results.json and submission.zip.
 
-Usage: python stages/submit.py <checkpoint> <prepared_test_dir> <out_dir>
+Usage: python stages/submit.py <checkpoint> <thresholds_json> <prepared_test_dir> <out_dir>
 """
 
 import argparse
@@ -11,18 +11,21 @@ from cellseg.cli import run
 from cellseg.device import select_device
 from cellseg.params import load_params
 from cellseg.submit import submit
+from cellseg.thresholds import tuned_predict_params
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="models/best.pt")
+    parser.add_argument("thresholds", help="models/thresholds.json of the tune stage (its mask threshold)")
     parser.add_argument("test_dir", help="prepared test images: <name>.npz with 'image' and 'image_id'")
     parser.add_argument("out_dir", help="written: test-results.json and submission.zip")
     args = parser.parse_args(argv)
     params = load_params()
     device = select_device(params.train.device)
     model, _ = load_trained_model(args.checkpoint, device)
-    summary = submit(model, args.test_dir, args.out_dir, params.predict, device)
+    predict = tuned_predict_params(params.predict, args.thresholds)
+    summary = submit(model, args.test_dir, args.out_dir, predict, device)
     print(json.dumps(summary, indent=2))
 
 

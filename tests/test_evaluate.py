@@ -30,6 +30,7 @@ from cellseg.plots import save_overlay
 from cellseg.predict import predict_image
 from cellseg.rle import decode, to_coco_ground_truth
 from cellseg.scoring import load_labelled, score_predictions
+from cellseg.thresholds import untuned, write_thresholds
 from conftest import ROOT, tiny_params
 
 OUTPUT_NAMES = ("predictions", "metrics", "plots")
@@ -81,7 +82,17 @@ def stage_run(tiny_project, tmp_path_factory) -> dict:
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
         mp.chdir(root)
-        stage.main([str(checkpoint), str(val_dir), "data/predictions", "metrics/eval.json", "plots/eval"])
+        write_thresholds("thresholds.json", untuned(tiny_project["params"].predict))
+        stage.main(
+            [
+                str(checkpoint),
+                "thresholds.json",
+                str(val_dir),
+                "data/predictions",
+                "metrics/eval.json",
+                "plots/eval",
+            ]
+        )
     paths = EvalPaths(
         checkpoint, val_dir, root / "data/predictions", root / "metrics/eval.json", root / "plots/eval"
     )

@@ -21,6 +21,7 @@ from cellseg.io import DataFormatError, read_label, read_test_mapping, save_test
 from cellseg.predict_folder import label_maps, list_images, predict_folder
 from cellseg.rle import decode, encode_mask
 from cellseg.submit import RESULTS_FILE, ZIP_FILE, load_test_images, write_submission
+from cellseg.thresholds import untuned, write_thresholds
 from conftest import ROOT, tiny_params
 
 
@@ -46,7 +47,10 @@ def submission(tiny_project, tmp_path_factory) -> Path:
     """The submit stage on the tiny project (its tile size makes the larger test images tiled)."""
     root = tmp_path_factory.mktemp("submit")
     checkpoint, test_dir = tiny_project["models"] / "best.pt", tiny_project["prepared"] / "test"
-    _run_stage("submit", [str(checkpoint), str(test_dir), "submission"], tiny_project, root)
+    write_thresholds(root / "thresholds.json", untuned(tiny_project["params"].predict))
+    _run_stage(
+        "submit", [str(checkpoint), "thresholds.json", str(test_dir), "submission"], tiny_project, root
+    )
     return root / "submission"
 
 
@@ -144,7 +148,7 @@ def test_label_maps_follow_the_raw_format() -> None:
     inst = _instances(
         [3, 1, 3, 1], [0.5, 0.9, 0.8, 0.6], [(0, 0, 5, 5), (10, 0, 4, 6), (20, 20, 5, 5), (0, 30, 3, 3)]
     )
-    maps = label_maps(inst)
+    maps = label_maps(inst, tiny_params(predict__label_score_threshold=0.0).predict)
     assert sorted(maps) == [1, 3] and all(m.dtype == np.float64 for m in maps.values())
     assert sorted(np.unique(maps[1])) == [0, 1, 2] and sorted(np.unique(maps[3])) == [0, 3, 4]
     assert maps[1][10, 0] == 1  # within a class, ids follow decreasing score
@@ -159,8 +163,25 @@ def test_label_maps_follow_the_raw_format() -> None:
 
 def test_label_maps_give_overlaps_to_the_higher_score() -> None:
     inst = _instances([2, 2], [0.4, 0.9], [(0, 0, 10, 10), (5, 5, 10, 10)])
-    labels = label_maps(inst)[2]
+    params = tiny_params(predict__label_score_threshold=0.0, predict__min_kept_fraction=0.0).predict
+    labels = label_maps(inst, params)[2]
     assert labels[7, 7] == 1 and labels[2, 2] == 2  # id 1 is the 0.9 instance
+
+
+def test_label_maps_hold_one_nucleus_per_pixel_across_classes_and_no_fragments() -> None:
+    """A class-3 detection mostly under a better class-1 one is a fragment: dropped, not painted in class3.tif;
+    a low-scored detection is dropped by the score threshold; a lesser overlap keeps its own pixels."""
+    inst = _instances(
+        [1, 3, 2, 4],
+        [0.9, 0.8, 0.7, 0.2],
+        [(0, 0, 10, 10), (2, 2, 10, 9), (8, 20, 10, 10), (20, 30, 5, 5)],
+    )
+    params = tiny_params(predict__label_score_threshold=0.5, predict__min_kept_fraction=0.5).predict
+    maps = label_maps(inst, params)
+    assert sorted(maps) == [1, 2]  # class 3: a fragment (keeps 26 of its 90 pixels); class 4: score 0.2 < 0.5
+    stacked = np.stack([m > 0 for m in maps.values()])
+    assert stacked.sum(axis=0).max() == 1  # never two nuclei on one pixel
+    assert (maps[1] > 0).sum() == 100 and (maps[2] > 0).sum() == 100
 
 
 class FixedDetector:

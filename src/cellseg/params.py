@@ -211,6 +211,11 @@ class PredictParams:
     batch_size: int
     resolve_overlaps: bool
     tta_views: int
+    label_score_threshold: float
+    min_kept_fraction: float
+    tune_thresholds: bool
+    tune_score_grid: list[float]
+    tune_mask_grid: list[float]
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.score_threshold < 1.0, "predict.score_threshold must be in [0, 1)")
@@ -222,6 +227,17 @@ class PredictParams:
         )
         _check(self.batch_size >= 1, "predict.batch_size must be >= 1")
         _check(self.tta_views in (1, 2, 4), "predict.tta_views must be 1 (off), 2 or 4 (flips)")
+        _check(0.0 <= self.label_score_threshold < 1.0, "predict.label_score_threshold must be in [0, 1)")
+        _check(0.0 <= self.min_kept_fraction <= 1.0, "predict.min_kept_fraction must be in [0, 1]")
+        for key in ("tune_score_grid", "tune_mask_grid"):
+            grid = getattr(self, key)
+            _check(len(grid) >= 1, f"predict.{key} needs at least one value")
+            _check(all(0.0 < v < 1.0 for v in grid), f"predict.{key} values must be in (0, 1)")
+        _check(
+            min(self.tune_score_grid) >= self.score_threshold,
+            "predict.tune_score_grid values must be >= predict.score_threshold (lower-scored detections "
+            "are not kept)",
+        )
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,7 @@ class4.tif``: float64 label images in which each non-zero value is one instance,
 the classes of the image (class1 holds the first ids), as in the raw training data. A class without instances
 has no file. Predictions therefore open with the same readers and viewers as the annotations.
 
-A label map holds one id per pixel: where instances of one class overlap, the higher-scoring one keeps the
-pixel (instances of different classes live in different files and may overlap, as in the annotations).
+The files hold one nucleus per pixel across all classes, with the tuned thresholds (see :func:`label_maps`).
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from cellseg.fsutil import atomic_dir
 from cellseg.instances import Instances
 from cellseg.io import CLASS_FILES, DataFormatError, read_image, to_rgb8, write_label_tif
 from cellseg.model import CellMaskRCNN
+from cellseg.nuclei_metrics import label_map
 from cellseg.params import PredictParams
 from cellseg.predict import predict_images
 
@@ -59,24 +59,32 @@ def read_any_image(path: Path) -> np.ndarray:
     return to_rgb8(array, path)
 
 
-def label_maps(inst: Instances) -> dict[int, np.ndarray]:
-    """Per class present, a float64 ``H×W`` label image; ids run across classes, by class then by score."""
-    order = np.lexsort((-inst.scores, inst.labels))  # by class, then by decreasing score
-    ids = np.empty(len(inst), np.int64)
-    ids[order] = np.arange(1, len(inst) + 1)
-    maps: dict[int, np.ndarray] = {}
-    for i in order[::-1]:  # increasing score within a class: the higher-scoring instance paints last
-        (y0, x0), crop = inst.offsets[i], inst.crops[i]
-        labels = maps.setdefault(int(inst.labels[i]), np.zeros((inst.height, inst.width), np.float64))
-        labels[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]][crop] = ids[i]
-    return dict(sorted(maps.items()))
+def label_maps(inst: Instances, params: PredictParams) -> dict[int, np.ndarray]:
+    """Per class present, a float64 ``H×W`` label image; ids run across classes, by class then by score.
+
+    One nucleus per pixel across all classes, by the project's one rule (:func:`cellseg.nuclei_metrics.label_map`:
+    detections below ``label_score_threshold`` dropped, each pixel to the highest-scoring instance, an instance
+    keeping less than ``min_kept_fraction`` of its mask dropped), so overlapping detections never leave
+    fragments and the files hold exactly the nuclei that the PQ figures score.
+    """
+    nuclei = label_map(inst, params.label_score_threshold, params.min_kept_fraction)
+    by_class = np.argsort(
+        nuclei.classes, kind="stable"
+    )  # label_map numbers by score: stable keeps that order
+    new_id = np.zeros(len(nuclei) + 1, np.float64)
+    new_id[by_class + 1] = np.arange(1, len(nuclei) + 1)
+    class_of = np.concatenate([[0], nuclei.classes])[nuclei.ids]
+    ids = new_id[nuclei.ids]
+    return {int(k): np.where(class_of == k, ids, 0.0) for k in np.unique(nuclei.classes)}
 
 
-def write_label_maps(folder: Path, inst: Instances) -> None:
-    """``folder/class{k}.tif`` for every class with instances, atomically (the folder appears complete)."""
+def write_label_maps(folder: Path, inst: Instances, params: PredictParams) -> dict[int, np.ndarray]:
+    """``folder/class{k}.tif`` for every class with nuclei, atomically (the folder appears complete)."""
+    maps = label_maps(inst, params)
     with atomic_dir(folder) as tmp:
-        for k, labels in label_maps(inst).items():
+        for k, labels in maps.items():
             write_label_tif(tmp / CLASS_FILES[k - 1], labels)
+    return maps
 
 
 def _read_all(paths: list[Path]) -> Iterator[np.ndarray]:
@@ -102,6 +110,9 @@ def predict_folder(
     for path, inst in tqdm(
         zip(paths, predictions, strict=True), total=len(paths), desc="predict", unit="img"
     ):
-        write_label_maps(out_dir / path.stem, inst)
-        counts[path.name] = {f"class{k}": int((inst.labels == k).sum()) for k in range(1, NUM_CLASSES + 1)}
+        maps = write_label_maps(out_dir / path.stem, inst, params)
+        counts[path.name] = {
+            f"class{k}": int(np.count_nonzero(np.unique(maps[k]))) if k in maps else 0
+            for k in range(1, NUM_CLASSES + 1)
+        }
     return counts

@@ -1,0 +1,33 @@
+"""Stage `tune`: score and mask thresholds chosen by validation PQ -> models/thresholds.json.
+
+Usage: python stages/tune.py <checkpoint> <val_dir> <thresholds_json>
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from cellseg.checkpoint import load_trained_model
+from cellseg.cli import run
+from cellseg.device import select_device
+from cellseg.evaluate import list_samples
+from cellseg.params import load_params
+from cellseg.thresholds import tune_thresholds, write_thresholds
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path, help="models/best.pt of the train stage")
+    parser.add_argument("val_dir", type=Path, help="prepared validation samples, <sample>.npz")
+    parser.add_argument("thresholds_json", type=Path, help="written: the tuned thresholds")
+    args = parser.parse_args(argv)
+    params = load_params()
+    device = select_device(params.train.device)
+    model, _ = load_trained_model(args.checkpoint, device)
+    thresholds = tune_thresholds(model, list_samples(args.val_dir), params.predict, device)
+    write_thresholds(args.thresholds_json, thresholds)
+    print(json.dumps({k: v for k, v in thresholds.items() if k != "tried"}, indent=2))
+
+
+if __name__ == "__main__":
+    run(main)
