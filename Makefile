@@ -7,7 +7,13 @@ BIN := $(VENV)/bin
 # Stage commands call `python`: put the venv first on PATH for dvc and everything it starts.
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: setup demo test test-fast lint bench clean-venv
+.PHONY: setup demo test test-fast lint bench clean-venv real-cpu
+
+# The real-data recipe for a 2-core CPU (tuned on consep-dev; README "Real data on a CPU"): one `dvc exp run`.
+RAW ?= data/raw
+REAL_CPU = -S 'data.raw_dir=$(RAW)' -S "data.group_regex='^(train_[0-9]+)_'" \
+  -S model.scale=2.0 -S train.crop_size=128 -S train.epochs=30 -S train.eval_every=10 -S train.train_eval_images=0 \
+  -S augment.hflip_p=0.5 -S augment.vflip_p=0.5 -S augment.rotate90_p=0.5
 
 setup: $(VENV)/.installed
 
@@ -37,6 +43,9 @@ bench: setup
 	$(RUN) python -m cellseg.bench.metric
 	$(RUN) python -m cellseg.bench.aux
 	$(RUN) python -m cellseg.bench.inference models/best.pt
+
+real-cpu: setup
+	$(RUN) dvc exp run $(REAL_CPU)
 
 clean-venv:
 	rm -rf $(VENV)
