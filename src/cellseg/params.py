@@ -9,6 +9,7 @@ names the key. Each section checks its own values in ``__post_init__``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -185,6 +186,7 @@ class TrainParams:
     eval_every: int
     train_eval_images: int
     resume: bool
+    repeat_threshold: float
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs must be >= 1")
@@ -197,6 +199,10 @@ class TrainParams:
         _check(self.device in ("auto", "cpu", "cuda", "mps"), "train.device must be auto, cpu, cuda or mps")
         _check(self.eval_every >= 1, "train.eval_every must be >= 1")
         _check(self.train_eval_images >= 0, "train.train_eval_images must be >= 0")
+        _check(
+            0.0 <= self.repeat_threshold <= 1.0 and math.isfinite(self.repeat_threshold),
+            "train.repeat_threshold must be in [0, 1] (0 = uniform sampling)",
+        )
 
 
 @dataclass(frozen=True)

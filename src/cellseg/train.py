@@ -26,6 +26,7 @@ from cellseg.distributed import DistInfo, barrier, cleanup, init_distributed, me
 from cellseg.fsutil import write_json
 from cellseg.model import CellMaskRCNN, build_model, count_parameters
 from cellseg.params import Params, ParamsError
+from cellseg.sampling import RepeatFactorSampler, classes_present, repeat_factors
 from cellseg.scoring import score_files
 
 LAST, BEST = "last.pt", "best.pt"
@@ -197,7 +198,11 @@ def _train(params: Params, paths: TrainPaths, device: torch.device, info: DistIn
         seed=tp.seed,
     )
     # The shuffle order is a function of (seed, epoch) alone, so a resumed run sees the same batches.
-    sampler = DistributedSampler(dataset, info.world_size, info.rank, shuffle=True, seed=tp.seed)
+    if tp.repeat_threshold > 0:
+        factors = repeat_factors(classes_present(dataset.files), tp.repeat_threshold)
+        sampler = RepeatFactorSampler(factors, info.world_size, info.rank, seed=tp.seed)
+    else:
+        sampler = DistributedSampler(dataset, info.world_size, info.rank, shuffle=True, seed=tp.seed)
     loader = DataLoader(
         dataset,
         batch_size=tp.batch_size,
