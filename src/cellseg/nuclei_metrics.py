@@ -58,6 +58,9 @@ MATCH_IOU = 0.5
 """Pairs need an IoU strictly above this."""
 UNDEFINED = -1.0
 """A split figure without any image (or class) to average over, as COCO writes it."""
+DEFAULT_MIN_KEPT_FRACTION = 0.5
+"""The project's default for :func:`label_map`'s ``min_kept_fraction`` (evaluate, training curves, the scorer):
+a detection that lost more than half of its mask to better-scored ones is a duplicate or a fragment. Not tuned."""
 
 
 # ------------------------------------------------------------------------------------------------ label maps
@@ -373,7 +376,7 @@ def score_split(
     ground_truth: list[Instances],
     predictions: list[Instances],
     score_threshold: float,
-    min_kept_fraction: float = 0.0,
+    min_kept_fraction: float = DEFAULT_MIN_KEPT_FRACTION,
 ) -> SplitScores:
     """Every image's truth and predictions as label maps (:func:`label_map`), scored."""
     if not len(names) == len(ground_truth) == len(predictions):

@@ -28,7 +28,7 @@ from cellseg import CLASS_NAMES, NUM_CLASSES, CellsegError
 from cellseg.instances import Instances
 from cellseg.io import CLASS_FILES, TestEntry, read_label, read_test_mapping
 from cellseg.metrics import LEADERBOARD_MAX_DETECTIONS, evaluate
-from cellseg.nuclei_metrics import SplitScores, per_image_csv, score_split
+from cellseg.nuclei_metrics import DEFAULT_MIN_KEPT_FRACTION, SplitScores, per_image_csv, score_split
 from cellseg.submit import RESULTS_FILE
 
 DEFAULT_SCORE_THRESHOLD = 0.5
@@ -168,7 +168,7 @@ def score_results(
     truth_dir: str | Path,
     mapping: str | Path,
     score_threshold: float = DEFAULT_SCORE_THRESHOLD,
-    min_kept_fraction: float = 0.0,
+    min_kept_fraction: float = DEFAULT_MIN_KEPT_FRACTION,
 ) -> Report:
     """Read, check and score ``results`` against ``truth_dir`` (see the module docstring)."""
     results, mapping = Path(results), Path(mapping)
@@ -263,8 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--min-kept-fraction",
         type=float,
-        default=0.0,
-        help="drop a predicted nucleus that keeps less than this share of its mask in the label map (default 0)",
+        default=DEFAULT_MIN_KEPT_FRACTION,
+        help="drop a predicted nucleus that keeps less than this share of its mask once overlaps are resolved "
+        f"(default {DEFAULT_MIN_KEPT_FRACTION})",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument(

@@ -1,7 +1,8 @@
 """Scoring a model on prepared, labelled samples: shared by the training loop and the ``evaluate`` stage.
 
 Predictions come from :func:`cellseg.predict.predict_image` (the submission's own path) and are scored by
-:func:`cellseg.metrics.evaluate` at the dense cap ``predict.max_per_image``.
+:func:`cellseg.metrics.evaluate` at the dense cap ``predict.max_per_image``, and by the nuclei metrics
+(:func:`nuclei_scores`) on label maps at :func:`label_map_threshold`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from cellseg.instances import Instances
 from cellseg.io import DataFormatError, load_npz
 from cellseg.metrics import Evaluation, evaluate
 from cellseg.model import CellMaskRCNN
+from cellseg.nuclei_metrics import DEFAULT_MIN_KEPT_FRACTION, SplitScores, score_split
 from cellseg.params import Params
 from cellseg.predict import predict_image
 
@@ -61,3 +63,20 @@ def score_predictions(
 ) -> ScoredSplit:
     """A :class:`ScoredSplit` of predictions made elsewhere (or crafted), scored as :func:`score_files` does."""
     return ScoredSplit(names, ground_truth, predictions, evaluate(ground_truth, predictions, max_detections))
+
+
+def label_map_threshold(params: Params) -> float:
+    """The score threshold of the label maps behind every PQ figure (evaluate, training curves): one place.
+
+    ``predict.score_threshold`` for now; a threshold tuned on the validation split replaces it here.
+    """
+    return params.predict.score_threshold
+
+
+def nuclei_scores(
+    scored: ScoredSplit, score_threshold: float, min_kept_fraction: float = DEFAULT_MIN_KEPT_FRACTION
+) -> SplitScores:
+    """PQ, mPQ⁺, AJI, DICE2, F1 … of a scored split (:mod:`cellseg.nuclei_metrics`)."""
+    return score_split(
+        scored.names, scored.ground_truth, scored.predictions, score_threshold, min_kept_fraction
+    )
