@@ -204,7 +204,8 @@ def score_results(
     return Report(metrics, nuclei, missing)
 
 
-_CLASS_FIGURES = ("pq", "dq", "sq", "precision", "recall", "f1")
+_CLASS_FIGURES = ("pq", "dq", "sq", "precision", "recall", "f1", "aji", "aji_plus", "dice2")
+"""Per class, every count pooled over the split (mPQ⁺'s way): AJI and DICE2 are then Σ inter / Σ union etc."""
 
 
 def format_table(metrics: dict) -> str:
