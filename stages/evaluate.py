@@ -1,6 +1,7 @@
 """Stage `evaluate`: the best checkpoint on the validation split -> COCO predictions, metrics/eval.json, plots.
 
-Usage: python stages/evaluate.py <checkpoint> <thresholds_json> <val_dir> <predictions_dir> <metrics_json> <plots_dir>
+Usage: python stages/evaluate.py <checkpoint> <thresholds_json> <val_dir> <predictions_dir> <metrics_json>
+       <plots_dir> [<per_image_csv>]
 """
 
 import argparse
@@ -22,10 +23,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("predictions_dir", type=Path, help="written: val-results.json, val-images.json")
     parser.add_argument("metrics_json", type=Path, help="written: the metrics (a DVC metric)")
     parser.add_argument("plots_dir", type=Path, help="written: pr/class<k>.csv, confusion.csv, overlays/")
+    parser.add_argument(
+        "per_image_csv",
+        type=Path,
+        nargs="?",
+        help="written: per-sample PQ, AJI, F1 … (default: <metrics_json stem>_per_image.csv beside it)",
+    )
     args = parser.parse_args(argv)
     params = load_params()
     params = dataclasses.replace(params, predict=tuned_predict_params(params.predict, args.thresholds))
-    paths = EvalPaths(args.checkpoint, args.val_dir, args.predictions_dir, args.metrics_json, args.plots_dir)
+    paths = EvalPaths(
+        args.checkpoint,
+        args.val_dir,
+        args.predictions_dir,
+        args.metrics_json,
+        args.plots_dir,
+        args.per_image_csv,
+    )
     print(summary(evaluate_checkpoint(paths, params, select_device(params.train.device))))
 
 

@@ -82,19 +82,23 @@ def stage_run(tiny_project, tmp_path_factory) -> dict:
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
         mp.chdir(root)
-        write_thresholds("thresholds.json", untuned(tiny_project["params"].predict))
+        tuned = {
+            **untuned(tiny_project["params"].predict),
+            "label_score_threshold": 0.35,
+            "mask_threshold": 0.45,
+        }
+        write_thresholds("thresholds.json", tuned)
         stage.main(
-            [
-                str(checkpoint),
-                "thresholds.json",
-                str(val_dir),
-                "data/predictions",
-                "metrics/eval.json",
-                "plots/eval",
-            ]
+            [str(checkpoint), "thresholds.json", str(val_dir), "data/predictions", "metrics/eval.json"]
+            + ["plots/eval", "metrics/eval_per_image.csv"]
         )
     paths = EvalPaths(
-        checkpoint, val_dir, root / "data/predictions", root / "metrics/eval.json", root / "plots/eval"
+        checkpoint,
+        val_dir,
+        root / "data/predictions",
+        root / "metrics/eval.json",
+        root / "plots/eval",
+        root / "metrics/eval_per_image.csv",
     )
     return {"paths": paths, "stdout": out.getvalue(), "params": tiny_project["params"]}
 
@@ -110,6 +114,13 @@ def test_stage_writes_every_output_with_its_schema(stage_run) -> None:
     assert metrics["max_detections"] == params.predict.max_per_image
     assert metrics["checkpoint_epoch"] == params.train.epochs
     assert metrics["n_images"] == len(samples)
+    nuclei_keys = ("pq", "dq", "sq", "mpq_plus", "aji", "aji_plus", "dice2", "precision", "recall", "f1")
+    for key in nuclei_keys + tuple(f"{m}_class{k}" for m in ("pq", "f1") for k in range(1, 5)):
+        assert -1.0 <= metrics[key] <= 1.0, key
+    assert (metrics["pq_score_threshold"], metrics["mask_threshold"]) == (0.35, 0.45)  # the stored thresholds
+    per_image = _read_csv(paths.per_image_csv)
+    assert per_image[0][:8] == ["name", "n_true", "n_pred", "pq", "dq", "sq", "aji", "aji_plus"]
+    assert [row[0] for row in per_image[1:]] == [p.stem for p in samples]
 
     images = json.loads((paths.predictions / "val-images.json").read_text())
     assert [im["id"] for im in images] == list(range(1, len(samples) + 1))
@@ -141,9 +152,11 @@ def test_stage_writes_every_output_with_its_schema(stage_run) -> None:
     n_ground_truth = sum(1 for actual, _ in confusion[1:] if actual != "background")
     assert n_ground_truth == metrics["n_ground_truth"]
     overlays = sorted((paths.plots / "overlays").iterdir())
-    assert [p.name for p in overlays] == [f"{samples[0].stem}.png"]  # the first evaluate.n_overlays (1)
+    worst = min(per_image[1:], key=lambda row: (row[3] == "", float(row[3] or 0), row[0]))[0]
+    assert [p.name for p in overlays] == [f"{worst}.png"]  # the evaluate.n_overlays (1) of lowest PQ
     assert Image.open(overlays[0]).size[0] > 300
     assert "map_50_at_100" in stage_run["stdout"] and "class4" in stage_run["stdout"]
+    assert "mpq_plus" in stage_run["stdout"] and "PQ per class" in stage_run["stdout"]
 
 
 def test_stage_predictions_rescore_to_the_same_map_50(stage_run) -> None:
@@ -243,6 +256,36 @@ def test_pr_and_confusion_files_of_a_known_case(crafted, tmp_path: Path) -> None
         assert _read_csv(paths.plots / "pr" / f"{empty}.csv") == [["recall", "precision"]]
     results = json.loads((paths.predictions / "val-results.json").read_text())
     assert sorted(tuple(r["bbox"]) for r in results) == sorted((x, y, 5, 5) for y, x in (A, B, C, D))
+
+
+def test_nuclei_metrics_and_worst_overlays_of_a_known_case(crafted, tmp_path: Path) -> None:
+    files, gt, pred = crafted
+    perfect_path = files[0].with_name("sample-0-perfect.npz")  # first by name, but PQ 1
+    shutil.copy(files[0], perfect_path)
+    params = tiny_params(predict__label_score_threshold=0.05)  # every crafted prediction enters the label maps
+    assert params.evaluate.n_overlays == 1
+    scored = score_predictions(
+        ["sample-0-perfect", "sample-a"], [gt, gt], [gt, pred], params.predict.max_per_image
+    )
+    paths = _paths(tmp_path / "out", tmp_path / "unused.pt", files[0].parent)
+    metrics = write_evaluation(scored, [perfect_path, files[0]], paths, params)
+    # sample-a, all four predictions in its label map: A, B, C matched (IoU 1), D spurious: TP 3, FP 1, FN 0
+    # -> DQ 3/3.5, SQ 1; with the perfect sample, PQ = (1 + 6/7) / 2
+    assert metrics["pq"] == pytest.approx((1 + 6 / 7) / 2) and metrics["sq"] == 1.0
+    assert metrics["f1"] == pytest.approx(2 * 6 / (6 + 7))
+    # class-wise, pooled: class1 TP 4 (A, B twice), FP 1 (C called class1) -> 4/4.5; class2 TP 1, FN 1 -> 1/1.5;
+    # class3 FP 1 -> 0; mPQ+ over the three classes present
+    assert metrics["pq_class1"] == pytest.approx(4 / 4.5) and metrics["pq_class2"] == pytest.approx(1 / 1.5)
+    assert metrics["pq_class3"] == 0.0 and metrics["pq_class4"] == -1.0
+    assert metrics["mpq_plus"] == pytest.approx((4 / 4.5 + 1 / 1.5 + 0) / 3)
+    assert [p.name for p in (paths.plots / "overlays").iterdir()] == [
+        "sample-a.png"
+    ]  # the worst, not the first
+    rows = _read_csv(paths.per_image_csv)
+    assert [(r[0], r[1], r[2], float(r[3])) for r in rows[1:]] == [
+        ("sample-0-perfect", "3", "3", 1.0),
+        ("sample-a", "3", "4", pytest.approx(6 / 7)),
+    ]
 
 
 def test_overlay_counts_each_outcome(crafted, tmp_path: Path) -> None:

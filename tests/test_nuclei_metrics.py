@@ -102,7 +102,9 @@ def test_matches_stardist_on_random_label_maps() -> None:
     preds = [jitter(t, rng) for t in truths[:5]] + [random_discs(rng, 30)]
     truth_maps = [truth_label_map(t) for t in truths]
     pred_maps = [label_map(p) for p in preds]
-    scores = score_split([str(i) for i in range(6)], truths, preds, score_threshold=0.0)
+    scores = score_split(
+        [str(i) for i in range(6)], truths, preds, score_threshold=0.0, min_kept_fraction=0.0
+    )
     assert sum(img.all.tp for img in scores.images) > 50  # the comparison covers many real pairs
     _assert_like_stardist([t.ids for t in truth_maps], [p.ids for p in pred_maps], scores)
 
@@ -127,7 +129,9 @@ def test_matches_stardist_on_real_nuclei() -> None:
     tiles = _consep_tiles(8)
     truths = [t for _, t in tiles]
     preds = [jitter(t, rng) for t in truths]
-    scores = score_split([name for name, _ in tiles], truths, preds, score_threshold=0.0)
+    scores = score_split(
+        [name for name, _ in tiles], truths, preds, score_threshold=0.0, min_kept_fraction=0.0
+    )
     assert sum(img.all.tp for img in scores.images) > 100
     _assert_like_stardist([truth_label_map(t).ids for t in truths], [label_map(p).ids for p in preds], scores)
 

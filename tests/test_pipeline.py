@@ -62,8 +62,19 @@ def repo(tmp_path_factory) -> Path:
 
 def test_repro_produces_metrics_plots_and_submission(repo: Path) -> None:
     metrics = json.loads((repo / "metrics" / "eval.json").read_text())
-    for key in ("map", "map_50", "map_75", "map_50_at_100", "ap50_class1", "map_small"):
+    for key in (
+        "map",
+        "map_50",
+        "map_75",
+        "map_50_at_100",
+        "ap50_class1",
+        "map_small",
+        "pq",
+        "mpq_plus",
+        "aji",
+    ):
         assert key in metrics
+    assert (repo / "metrics" / "eval_per_image.csv").read_text().startswith("name,n_true,n_pred,pq,")
     with zipfile.ZipFile(repo / "submission" / "submission.zip") as archive:
         assert archive.namelist() == ["test-results.json"]
     assert sorted(p.name for p in (repo / "plots" / "eval" / "pr").iterdir()) == [
@@ -95,12 +106,14 @@ def test_experiment_reruns_only_what_the_param_touches(repo: Path) -> None:
 
     diff = _run(repo, "dvc", "metrics", "diff", "--md", "--all")
     assert "metrics/eval.json" in diff and "| map " in diff and "map_50" in diff
+    assert "| pq " in diff and "mpq_plus" in diff and "dice2" in diff
 
 
 def test_plots_diff_overlays_both_runs_curves(repo: Path) -> None:
     rendered = json.loads(_run(repo, "dvc", "plots", "diff", "HEAD", "workspace", "--json"))["data"]
     assert any("Training loss" in name for name in rendered)
     assert any("Validation mAP" in name for name in rendered)
+    assert any("Validation PQ" in name for name in rendered)
     loss = next(v for k, v in rendered.items() if "Training loss" in k)
     revisions = {rev for plot in loss for rev in plot.get("revisions", [])}
     assert {"HEAD", "workspace"} <= revisions

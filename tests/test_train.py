@@ -42,6 +42,8 @@ def test_outputs_of_a_training_run(tiny_project: dict) -> None:
         "val/map_50",
         "train_subset/map",
         "train_subset/map_50",
+        "val/pq",
+        "val/mpq_plus",
     ):
         assert key in record, key
     logged = json.loads((live / "metrics.json").read_text())

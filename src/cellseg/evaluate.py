@@ -5,9 +5,14 @@ The stage (:func:`evaluate_checkpoint`) writes, all or nothing:
 - ``<predictions>/val-results.json``: COCO results (RLE masks, ``bbox`` ``[x, y, w, h]``, score, category
   1..4) and ``<predictions>/val-images.json`` (``[{"id", "name", "height", "width"}]``, ids 1..N in sample-name
   order), so that any COCO tool can re-score them;
-- ``<metrics>``: the flat metrics of :func:`cellseg.metrics.evaluate` plus ``checkpoint_epoch``;
+- ``<metrics>``: the flat metrics of :func:`cellseg.metrics.evaluate`, the nuclei metrics of
+  :mod:`cellseg.nuclei_metrics` (``pq``, ``dq``, ``sq``, ``mpq_plus``, ``aji``, ``aji_plus``, ``dice2``,
+  ``precision``, ``recall``, ``f1``, ``pq_class<k>``, ``f1_class<k>``, on label maps at
+  ``predict.label_score_threshold`` as tuned, recorded as ``pq_score_threshold``) plus ``checkpoint_epoch``;
+- ``<per_image>``: one CSV row per sample (name, n_true, n_pred, pq, dq, sq, aji, aji_plus, dice2, precision,
+  recall, f1);
 - ``<plots>/pr/class<k>.csv``, ``<plots>/confusion.csv`` (rendered by ``dvc plots``) and
-  ``<plots>/overlays/<sample>.png``.
+  ``<plots>/overlays/<sample>.png`` of the ``evaluate.n_overlays`` samples of lowest PQ.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ from cellseg import CLASS_NAMES
 from cellseg.checkpoint import load_trained_model
 from cellseg.fsutil import atomic_dir, atomic_file, write_json
 from cellseg.io import DataFormatError, load_npz
-from cellseg.metrics import confusion_matrix, evaluate
+from cellseg.metrics import confusion_matrix
+from cellseg.nuclei_metrics import SplitScores, per_image_csv
 from cellseg.params import Params
 from cellseg.plots import save_overlay, write_confusion, write_pr_curves
 from cellseg.rle import to_coco_results
-from cellseg.scoring import ScoredSplit, score_files
+from cellseg.scoring import ScoredSplit, nuclei_scores, score_files
 
 RESULTS_FILE, IMAGES_FILE = "val-results.json", "val-images.json"
 PR_DIR, CONFUSION_FILE, OVERLAYS_DIR = "pr", "confusion.csv", "overlays"
@@ -45,6 +51,12 @@ class EvalPaths:
     predictions: Path
     metrics: Path
     plots: Path
+    per_image: Path | None = None
+    """Per-image CSV; by default ``<metrics stem>_per_image.csv`` next to the metrics."""
+
+    @property
+    def per_image_csv(self) -> Path:
+        return self.per_image or self.metrics.with_name(f"{self.metrics.stem}_per_image.csv")
 
 
 def list_samples(split_dir: Path) -> list[Path]:
@@ -83,31 +95,50 @@ def write_evaluation(
     results, images = coco_documents(scored)
     threshold = params.evaluate.confusion_score_threshold
     matrix = confusion_matrix(scored.ground_truth, scored.predictions, MATCH_IOU, threshold)
-    metrics = {**scored.metrics, **(extra or {})}
+    nuclei = nuclei_scores(scored, params.predict)
+    metrics = {
+        **scored.metrics,
+        **nuclei.metrics,
+        "pq_score_threshold": params.predict.label_score_threshold,
+        "mask_threshold": params.predict.mask_threshold,
+        **(extra or {}),
+    }
     with ExitStack() as outputs:
         predictions_tmp = outputs.enter_context(atomic_dir(paths.predictions))
         write_json(predictions_tmp / RESULTS_FILE, results)
         write_json(predictions_tmp / IMAGES_FILE, images)
         write_pr_curves(outputs.enter_context(atomic_dir(paths.plots / PR_DIR)), scored.evaluation.pr_curves)
         write_confusion(outputs.enter_context(atomic_file(paths.plots / CONFUSION_FILE)), matrix)
-        write_overlays(outputs.enter_context(atomic_dir(paths.plots / OVERLAYS_DIR)), scored, files, params)
+        overlays = outputs.enter_context(atomic_dir(paths.plots / OVERLAYS_DIR))
+        write_overlays(overlays, scored, nuclei, files, params)
+        outputs.enter_context(atomic_file(paths.per_image_csv)).write_text(
+            per_image_csv(nuclei.per_image_rows())
+        )
         write_json(paths.metrics, metrics)
     return metrics
 
 
-def write_overlays(folder: Path, scored: ScoredSplit, files: list[Path], params: Params) -> None:
-    """Overlay PNGs of the first ``evaluate.n_overlays`` samples, titled with each image's own AP50."""
-    for i in range(min(params.evaluate.n_overlays, len(files))):
+def worst_by_pq(nuclei: SplitScores, n: int) -> list[int]:
+    """Indices of the ``n`` samples of lowest PQ, worst first (ties by name); samples without PQ come last."""
+    pq = [img.all.pq for img in nuclei.images]
+    order = sorted(range(len(pq)), key=lambda i: (pq[i] is None, pq[i] or 0.0, nuclei.names[i]))
+    return order[:n]
+
+
+def write_overlays(
+    folder: Path, scored: ScoredSplit, nuclei: SplitScores, files: list[Path], params: Params
+) -> None:
+    """Overlay PNGs of the ``evaluate.n_overlays`` samples of lowest PQ, titled with their PQ."""
+    for rank, i in enumerate(worst_by_pq(nuclei, params.evaluate.n_overlays), start=1):
         image = load_npz(files[i])["image"]  # its ground truth is already in ``scored``
-        gt, pred = scored.ground_truth[i], scored.predictions[i]
-        ap50 = evaluate([gt], [pred], params.predict.max_per_image).metrics["map_50"]
-        title = f"{scored.names[i]}: AP50 {ap50:.3f}" if ap50 >= 0 else f"{scored.names[i]}: no ground truth"
+        pq = nuclei.images[i].all.pq
+        quality = "no nuclei, none predicted" if pq is None else f"PQ {pq:.3f}"
         save_overlay(
             folder / f"{scored.names[i]}.png",
             image,
-            gt,
-            pred,
-            title,
+            scored.ground_truth[i],
+            scored.predictions[i],
+            f"{scored.names[i]}: {quality} (worst {rank} of {len(files)} by PQ)",
             params.evaluate.confusion_score_threshold,
             MATCH_IOU,
         )
@@ -138,5 +169,20 @@ def summary(metrics: dict) -> str:
             f"  (at most {metrics['max_detections']} detections per image and class)",
             f"  map_50_at_100 {fmt(metrics['map_50_at_100'])}  (leaderboard-equivalent: at most 100)",
             f"  AP50 per class: {per_class}",
+            *_nuclei_summary(metrics, fmt),
         ]
     )
+
+
+def _nuclei_summary(metrics: dict, fmt) -> list[str]:
+    if "pq" not in metrics:
+        return []
+    per_class = "  ".join(f"{name} {fmt(metrics[f'pq_{name}'])}" for name in CLASS_NAMES)
+    return [
+        f"  pq {fmt(metrics['pq'])} (dq {fmt(metrics['dq'])}, sq {fmt(metrics['sq'])})  mpq_plus "
+        f"{fmt(metrics['mpq_plus'])}  aji {fmt(metrics['aji'])}  aji_plus {fmt(metrics['aji_plus'])}  "
+        f"dice2 {fmt(metrics['dice2'])}  (label maps at score >= {metrics['pq_score_threshold']:g})",
+        f"  f1 {fmt(metrics['f1'])} (precision {fmt(metrics['precision'])}, recall {fmt(metrics['recall'])})"
+        f"  at mask IoU > 0.5",
+        f"  PQ per class: {per_class}",
+    ]

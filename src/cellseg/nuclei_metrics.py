@@ -44,6 +44,8 @@ split figures are filtered sums of it. No per-pair loop touches a mask.
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -56,6 +58,9 @@ MATCH_IOU = 0.5
 """Pairs need an IoU strictly above this."""
 UNDEFINED = -1.0
 """A split figure without any image (or class) to average over, as COCO writes it."""
+DEFAULT_MIN_KEPT_FRACTION = 0.5
+"""The project's default for :func:`label_map`'s ``min_kept_fraction`` (evaluate, training curves, the scorer):
+a detection that lost more than half of its mask to better-scored ones is a duplicate or a fragment. Not tuned."""
 
 
 # ------------------------------------------------------------------------------------------------ label maps
@@ -327,6 +332,10 @@ class SplitScores:
     names: list[str]
     images: list[ImageCounts]
 
+    def class_counts(self) -> list[Counts]:
+        """Counts of each class pooled over the split (index ``k - 1`` for class ``k``): mPQ⁺'s terms."""
+        return [sum((img.per_class[k] for img in self.images), Counts()) for k in range(NUM_CLASSES)]
+
     @property
     def metrics(self) -> dict[str, float]:
         per_image = [img.all.figures() for img in self.images]
@@ -335,13 +344,11 @@ class SplitScores:
         }
         pooled = sum((img.all for img in self.images), Counts())
         out |= {key: _value(getattr(pooled, key)) for key in ("precision", "recall", "f1")}
-        class_pq = []
-        for k in range(NUM_CLASSES):
-            c = sum((img.per_class[k] for img in self.images), Counts())
-            out[f"pq_class{k + 1}"] = _value(c.pq)
-            out[f"f1_class{k + 1}"] = _value(c.f1)
-            class_pq.append(c.pq)
-        out["mpq_plus"] = _mean(class_pq)
+        class_counts = self.class_counts()
+        for k, c in enumerate(class_counts, start=1):
+            out[f"pq_class{k}"] = _value(c.pq)
+            out[f"f1_class{k}"] = _value(c.f1)
+        out["mpq_plus"] = _mean([c.pq for c in class_counts])
         return out
 
     def per_image_rows(self) -> list[dict]:
@@ -352,12 +359,24 @@ class SplitScores:
         ]
 
 
+def per_image_csv(rows: list[dict]) -> str:
+    """:meth:`SplitScores.per_image_rows` as CSV text (figures to 6 decimals; an undefined one is empty)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["name"], lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(
+            {k: f"{v:.6f}" if isinstance(v, float) else ("" if v is None else v) for k, v in row.items()}
+        )
+    return buffer.getvalue()
+
+
 def score_split(
     names: list[str],
     ground_truth: list[Instances],
     predictions: list[Instances],
     score_threshold: float,
-    min_kept_fraction: float = 0.0,
+    min_kept_fraction: float = DEFAULT_MIN_KEPT_FRACTION,
 ) -> SplitScores:
     """Every image's truth and predictions as label maps (:func:`label_map`), scored."""
     if not len(names) == len(ground_truth) == len(predictions):

@@ -1,7 +1,8 @@
 """Scoring a model on prepared, labelled samples: shared by the training loop and the ``evaluate`` stage.
 
 Predictions come from :func:`cellseg.predict.predict_image` (the submission's own path) and are scored by
-:func:`cellseg.metrics.evaluate` at the dense cap ``predict.max_per_image``.
+:func:`cellseg.metrics.evaluate` at the dense cap ``predict.max_per_image``, and by the nuclei metrics
+(:func:`nuclei_scores`) on label maps at ``predict.label_score_threshold``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from cellseg.instances import Instances
 from cellseg.io import DataFormatError, load_npz
 from cellseg.metrics import Evaluation, evaluate
 from cellseg.model import CellMaskRCNN
-from cellseg.params import Params
+from cellseg.nuclei_metrics import SplitScores, score_split
+from cellseg.params import Params, PredictParams
 from cellseg.predict import predict_image
 
 
@@ -61,3 +63,15 @@ def score_predictions(
 ) -> ScoredSplit:
     """A :class:`ScoredSplit` of predictions made elsewhere (or crafted), scored as :func:`score_files` does."""
     return ScoredSplit(names, ground_truth, predictions, evaluate(ground_truth, predictions, max_detections))
+
+
+def nuclei_scores(scored: ScoredSplit, params: PredictParams) -> SplitScores:
+    """PQ, mPQ⁺, AJI, DICE2, F1 … of a scored split (:mod:`cellseg.nuclei_metrics`), on label maps at
+    ``params.label_score_threshold`` (the tuned one, where the caller applied ``models/thresholds.json``)."""
+    return score_split(
+        scored.names,
+        scored.ground_truth,
+        scored.predictions,
+        params.label_score_threshold,
+        params.min_kept_fraction,
+    )

@@ -27,7 +27,7 @@ from cellseg.fsutil import write_json
 from cellseg.model import CellMaskRCNN, build_model, count_parameters
 from cellseg.params import Params, ParamsError
 from cellseg.sampling import RepeatFactorSampler, classes_present, repeat_factors
-from cellseg.scoring import score_files
+from cellseg.scoring import nuclei_scores, score_files
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -125,7 +125,8 @@ def _is_eval_epoch(epoch: int, params: Params) -> bool:
 
 
 def _evaluate_epoch(model: CellMaskRCNN, paths: TrainPaths, params: Params, device: torch.device) -> dict:
-    """mAP on the validation split and on a fixed subset of the training split (the reference logged both)."""
+    """mAP on the validation split and on a fixed subset of the training split (the reference logged both),
+    and the validation split's PQ and mPQ⁺."""
     results = {}
     subsets = {
         "val": sorted((paths.prepared / "val").glob("*.npz")),
@@ -133,8 +134,11 @@ def _evaluate_epoch(model: CellMaskRCNN, paths: TrainPaths, params: Params, devi
     }
     for name, files in subsets.items():
         if files:
-            scores = score_files(model, files, params, device, desc=f"eval {name}").metrics
-            results.update({f"{name}/map": scores["map"], f"{name}/map_50": scores["map_50"]})
+            scored = score_files(model, files, params, device, desc=f"eval {name}")
+            results.update({f"{name}/map": scored.metrics["map"], f"{name}/map_50": scored.metrics["map_50"]})
+            if name == "val":
+                nuclei = nuclei_scores(scored, params.predict).metrics
+                results.update({"val/pq": nuclei["pq"], "val/mpq_plus": nuclei["mpq_plus"]})
     return results
 
 
@@ -266,5 +270,5 @@ def _train(params: Params, paths: TrainPaths, device: torch.device, info: DistIn
 
 def _epoch_line(record: dict) -> str:
     parts = [f"epoch {record['epoch']}", f"loss {record['train/loss']:.4f}", f"lr {record['lr']:.2e}"]
-    parts += [f"{k} {v:.4f}" for k, v in record.items() if k.endswith("map_50") or k.endswith("/map")]
+    parts += [f"{k} {v:.4f}" for k, v in record.items() if k.endswith(("map_50", "/map", "/pq"))]
     return " | ".join(parts)

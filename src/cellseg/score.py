@@ -1,0 +1,290 @@
+"""Score any COCO results file against a folder of truth: ``python -m cellseg.score RESULTS TRUTH_DIR MAPPING_JSON``.
+
+RESULTS is a COCO results JSON (``[{"image_id", "category_id", "segmentation": RLE, "score"}, ...]``) or a
+``submission.zip`` holding ``test-results.json``. TRUTH_DIR holds one ``<stem>/class1..4.tif`` folder per image
+of the mapping (the layout of ``test_truth/`` or of a raw ``train/``; ``<stem>`` is the mapping's file name
+without extension); a missing folder or class file means no nucleus. MAPPING_JSON is the
+``test_image_name_to_ids.json`` that gave the results their ``image_id``.
+
+Figures: COCO mask AP (:func:`cellseg.metrics.evaluate`: AP50 and AP at the leaderboard's 100 detections per
+image and class) and the nuclei metrics of :mod:`cellseg.nuclei_metrics` on label maps made from the results
+scoring at least ``--score-threshold``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from cellseg import CLASS_NAMES, NUM_CLASSES, CellsegError
+from cellseg.instances import Instances
+from cellseg.io import CLASS_FILES, TestEntry, read_label, read_test_mapping
+from cellseg.metrics import LEADERBOARD_MAX_DETECTIONS, evaluate
+from cellseg.nuclei_metrics import DEFAULT_MIN_KEPT_FRACTION, SplitScores, per_image_csv, score_split
+from cellseg.submit import RESULTS_FILE
+
+DEFAULT_SCORE_THRESHOLD = 0.5
+
+
+class ResultsError(CellsegError, ValueError):
+    """A results file that cannot be scored; the message names the file (and row) and the problem."""
+
+
+# -------------------------------------------------------------------------------------------------- reading
+def read_results(path: str | Path) -> list[dict]:
+    """The rows of a COCO results JSON, or of the ``test-results.json`` inside a ``.zip``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ResultsError(f"{path}: results file not found")
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                if RESULTS_FILE not in archive.namelist():
+                    raise ResultsError(f"{path}: no {RESULTS_FILE} at the root of the zip")
+                text = archive.read(RESULTS_FILE).decode("utf-8")
+        else:
+            text = path.read_text(encoding="utf-8")
+        rows = json.loads(text)
+    except (OSError, UnicodeDecodeError, zipfile.BadZipFile, json.JSONDecodeError) as err:
+        raise ResultsError(f"{path}: cannot read the results ({type(err).__name__}: {err})") from err
+    if not isinstance(rows, list):
+        raise ResultsError(f"{path}: expected a JSON list of COCO results rows, got {type(rows).__name__}")
+    return rows
+
+
+def read_truth(truth_dir: str | Path, entries: list[TestEntry]) -> tuple[list[Instances], list[str]]:
+    """Ground truth of every mapped image, and the stems whose folder is missing (no nucleus there)."""
+    truth_dir = Path(truth_dir)
+    if not truth_dir.is_dir():
+        raise ResultsError(f"{truth_dir}: truth folder not found")
+    truths, missing = [], []
+    for entry in entries:
+        folder = truth_dir / Path(entry.file_name).stem
+        rows = np.zeros((NUM_CLASSES, entry.height, entry.width), np.int32)
+        if not folder.is_dir():
+            missing.append(folder.name)
+        for k, name in enumerate(CLASS_FILES):
+            if (folder / name).is_file():
+                rows[k] = read_label(folder / name, (entry.height, entry.width))
+        truths.append(Instances.from_label_rows(rows))
+    return truths, missing
+
+
+def _row_error(path: Path, i: int, problem: str) -> ResultsError:
+    return ResultsError(f"{path}: row {i}: {problem}")
+
+
+def _mask(row: dict, entry: TestEntry, path: Path, i: int) -> np.ndarray:
+    segmentation = row.get("segmentation")
+    if not isinstance(segmentation, dict) or "size" not in segmentation or "counts" not in segmentation:
+        raise _row_error(
+            path, i, "'segmentation' must be an RLE {size: [h, w], counts} (polygons are not scored)"
+        )
+    if list(segmentation["size"]) != [entry.height, entry.width]:
+        raise _row_error(
+            path,
+            i,
+            f"mask size {segmentation['size']} differs from {entry.file_name}'s {entry.height}x{entry.width}",
+        )
+    counts = segmentation["counts"]
+    try:
+        if isinstance(counts, list):
+            rle = mask_utils.frPyObjects(segmentation, entry.height, entry.width)
+        else:
+            rle = {
+                "size": [entry.height, entry.width],
+                "counts": counts.encode() if isinstance(counts, str) else counts,
+            }
+        return mask_utils.decode(rle).astype(bool)
+    except Exception as err:  # pycocotools raises bare errors on corrupt counts
+        raise _row_error(path, i, f"cannot decode the RLE ({type(err).__name__}: {err})") from err
+
+
+def results_to_instances(
+    rows: list[dict], entries: list[TestEntry], path: Path, mapping: Path
+) -> list[Instances]:
+    """One :class:`Instances` per mapping entry (box-local crops of the decoded masks), in mapping order."""
+    index = {e.image_id: n for n, e in enumerate(entries)}
+    per_image: list[list[tuple[int, float, np.ndarray]]] = [[] for _ in entries]
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise _row_error(path, i, f"expected an object, got {type(row).__name__}")
+        try:
+            image_id, category, score = int(row["image_id"]), int(row["category_id"]), float(row["score"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise _row_error(path, i, f"needs image_id, category_id and a numeric score ({err!r})") from err
+        if image_id not in index:
+            raise _row_error(path, i, f"image_id {image_id} is not in {mapping}")
+        if not 1 <= category <= NUM_CLASSES:
+            raise _row_error(path, i, f"category_id {category} is not a class id 1..{NUM_CLASSES}")
+        if not math.isfinite(score):
+            raise _row_error(path, i, f"score {row['score']!r} is not finite")
+        entry = entries[index[image_id]]
+        per_image[index[image_id]].append((category, score, _mask(row, entry, path, i)))
+    return [_instances(e, found) for e, found in zip(entries, per_image, strict=True)]
+
+
+def _instances(entry: TestEntry, found: list[tuple[int, float, np.ndarray]]) -> Instances:
+    offsets, crops = [], []
+    for _, _, mask in found:
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        if len(rows) == 0:  # an empty mask: a one-pixel empty crop keeps its row (it can only miss)
+            offsets.append((0, 0))
+            crops.append(np.zeros((1, 1), bool))
+            continue
+        offsets.append((rows[0], cols[0]))
+        crops.append(mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+    n = len(found)
+    return Instances(
+        entry.height,
+        entry.width,
+        labels=np.asarray([c for c, _, _ in found], np.int64).reshape(n),
+        scores=np.asarray([s for _, s, _ in found], np.float32).reshape(n),
+        offsets=np.asarray(offsets, np.int64).reshape(n, 2),
+        crops=crops,
+    )
+
+
+# -------------------------------------------------------------------------------------------------- scoring
+@dataclass(frozen=True)
+class Report:
+    """Every figure of a scored results file: the flat ``metrics`` and the nuclei scores behind them."""
+
+    metrics: dict
+    nuclei: SplitScores
+    missing_truth: list[str]
+
+
+def score_results(
+    results: str | Path,
+    truth_dir: str | Path,
+    mapping: str | Path,
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+    min_kept_fraction: float = DEFAULT_MIN_KEPT_FRACTION,
+) -> Report:
+    """Read, check and score ``results`` against ``truth_dir`` (see the module docstring)."""
+    results, mapping = Path(results), Path(mapping)
+    entries = read_test_mapping(mapping)
+    rows = read_results(results)
+    predictions = results_to_instances(rows, entries, results, mapping)
+    truths, missing = read_truth(truth_dir, entries)
+    names = [Path(e.file_name).stem for e in entries]
+    # a dense cap above every image's count, so that per-class AP50 drops nothing; the totals are at 100
+    dense = max([LEADERBOARD_MAX_DETECTIONS + 1] + [len(p) + 1 for p in predictions])
+    coco = evaluate(truths, predictions, max_detections=dense).metrics
+    nuclei = score_split(names, truths, predictions, score_threshold, min_kept_fraction)
+    metrics = {
+        "ap50_at_100": coco["map_50_at_100"],
+        "ap": coco["map_at_100"],
+        **nuclei.metrics,
+        "score_threshold": score_threshold,
+        "min_kept_fraction": min_kept_fraction,
+        "n_images": len(entries),
+        "n_images_without_truth_folder": len(missing),
+        "n_true": coco["n_ground_truth"],
+        "n_pred": coco["n_predictions"],
+        "per_class": {},
+    }
+    for k, (name, c) in enumerate(zip(CLASS_NAMES, nuclei.class_counts(), strict=True), start=1):
+        figures = {key: (-1.0 if v is None else v) for key, v in c.figures().items() if key in _CLASS_FIGURES}
+        metrics["per_class"][name] = {
+            "ap50": coco[f"ap50_class{k}"],
+            **figures,
+            "n_true": c.n_true,
+            "n_pred": c.n_pred,
+        }
+    return Report(metrics, nuclei, missing)
+
+
+_CLASS_FIGURES = ("pq", "dq", "sq", "precision", "recall", "f1", "aji", "aji_plus", "dice2")
+"""Per class, every count pooled over the split (mPQ⁺'s way): AJI and DICE2 are then Σ inter / Σ union etc."""
+
+
+def format_table(metrics: dict) -> str:
+    """A readable table: one row per class (pooled over the split: mPQ⁺'s terms) and the split's figures."""
+
+    def fmt(value) -> str:
+        return "   n/a" if value is None or value < 0 else f"{value:6.3f}"
+
+    header = f"{'':8} {'AP50':>6} {'PQ':>6} {'DQ':>6} {'SQ':>6} {'prec':>6} {'recall':>6} {'F1':>6} {'n_true':>7} {'n_pred':>7}"
+    lines = [
+        f"{metrics['n_images']} images ({metrics['n_images_without_truth_folder']} without truth folder), "
+        f"{metrics['n_true']} true nuclei, {metrics['n_pred']} predictions; "
+        f"label maps at score >= {metrics['score_threshold']:g}",
+        header,
+    ]
+    for name, c in metrics["per_class"].items():
+        lines.append(
+            f"{name:8} {fmt(c['ap50'])} {fmt(c['pq'])} {fmt(c['dq'])} {fmt(c['sq'])} {fmt(c['precision'])} "
+            f"{fmt(c['recall'])} {fmt(c['f1'])} {c['n_true']:7d} {c['n_pred']:7d}"
+        )
+    m = metrics
+    lines += [
+        f"AP50@100 {fmt(m['ap50_at_100'])}   AP@100 {fmt(m['ap'])}   mPQ+ {fmt(m['mpq_plus'])}",
+        f"PQ {fmt(m['pq'])}   DQ {fmt(m['dq'])}   SQ {fmt(m['sq'])}   (mean over images with truth or prediction)",
+        f"AJI {fmt(m['aji'])}   AJI+ {fmt(m['aji_plus'])}   DICE2 {fmt(m['dice2'])}   "
+        f"precision {fmt(m['precision'])}   recall {fmt(m['recall'])}   F1 {fmt(m['f1'])}",
+    ]
+    return "\n".join(lines)
+
+
+def write_per_image(path: str | Path, nuclei: SplitScores) -> None:
+    """Per-image figures: JSON (a list of objects) when ``path`` ends in ``.json``, else CSV."""
+    path, rows = Path(path), nuclei.per_image_rows()
+    path.write_text(
+        json.dumps(rows, indent=1) + "\n" if path.suffix.lower() == ".json" else per_image_csv(rows)
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m cellseg.score", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "results", type=Path, help="COCO results JSON, or a submission.zip holding test-results.json"
+    )
+    parser.add_argument(
+        "truth_dir", type=Path, help="<stem>/class1..4.tif folders (test_truth/ or a raw train/)"
+    )
+    parser.add_argument(
+        "mapping", type=Path, help="test_image_name_to_ids.json: file_name, id, height, width"
+    )
+    parser.add_argument(
+        "--score-threshold",
+        type=float,
+        default=DEFAULT_SCORE_THRESHOLD,
+        help=f"results below it are left out of the label maps of PQ, AJI, F1 (default {DEFAULT_SCORE_THRESHOLD})",
+    )
+    parser.add_argument(
+        "--min-kept-fraction",
+        type=float,
+        default=DEFAULT_MIN_KEPT_FRACTION,
+        help="drop a predicted nucleus that keeps less than this share of its mask once overlaps are resolved "
+        f"(default {DEFAULT_MIN_KEPT_FRACTION})",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument(
+        "--per-image", type=Path, metavar="FILE", help="write per-image figures (.json, else CSV)"
+    )
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.min_kept_fraction <= 1.0:
+        raise ResultsError(f"--min-kept-fraction must be within [0, 1], got {args.min_kept_fraction}")
+    report = score_results(
+        args.results, args.truth_dir, args.mapping, args.score_threshold, args.min_kept_fraction
+    )
+    if args.per_image:
+        write_per_image(args.per_image, report.nuclei)
+    print(json.dumps(report.metrics, indent=1) if args.json else format_table(report.metrics))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    from cellseg.cli import run
+
+    run(main)

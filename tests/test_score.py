@@ -1,0 +1,166 @@
+"""``python -m cellseg.score``: results JSON or zip against real tif truth folders, figures and clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cellseg.instances import Instances
+from cellseg.io import write_label_tif
+from cellseg.rle import to_coco_results
+from cellseg.score import ResultsError, main, read_truth, score_results
+from conftest import ROOT, disk_labels
+
+CONSEP = ROOT.parent / "shared" / "datasets" / "consep-dev"
+SHAPE = (40, 48)
+
+
+@pytest.fixture
+def truth(tmp_path: Path) -> dict:
+    """Two mapped images: ``a`` with two class-2 discs in a real class2.tif, ``b`` without a truth folder."""
+    folder = tmp_path / "truth" / "a"
+    folder.mkdir(parents=True)
+    write_label_tif(folder / "class2.tif", disk_labels(SHAPE, [(10, 10), (25, 30)], 5, first_id=3))
+    mapping = tmp_path / "mapping.json"
+    mapping.write_text(
+        json.dumps(
+            [
+                {"file_name": f"{s}.tif", "id": i, "height": SHAPE[0], "width": SHAPE[1]}
+                for i, s in ((7, "a"), (9, "b"))
+            ]
+        )
+    )
+    rows = np.zeros((4, *SHAPE), np.int32)
+    rows[1] = disk_labels(SHAPE, [(10, 10), (25, 30)], 5, first_id=3)
+    return {
+        "dir": tmp_path / "truth",
+        "mapping": mapping,
+        "a": Instances.from_label_rows(rows),
+        "tmp": tmp_path,
+    }
+
+
+def _results(truth: dict) -> list[dict]:
+    """Both nuclei of ``a`` exactly (scores .9 and .3), and a false positive at .8 on ``b`` (no truth folder)."""
+    a = truth["a"]
+    a = Instances(a.height, a.width, a.labels, np.array([0.9, 0.3], np.float32), a.offsets, a.crops)
+    fp = Instances(
+        *SHAPE, np.array([2]), np.array([0.8], np.float32), np.array([[0, 0]]), [np.ones((6, 6), bool)]
+    )
+    return to_coco_results(a, 7) + to_coco_results(fp, 9)
+
+
+def test_figures_by_hand_from_json_and_zip(truth: dict, capsys) -> None:
+    results = truth["tmp"] / "results.json"
+    results.write_text(json.dumps(_results(truth)))
+    archive = truth["tmp"] / "submission.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(results, arcname="test-results.json")
+    for source in (results, archive):
+        report = score_results(source, truth["dir"], truth["mapping"], score_threshold=0.5)
+        m = report.metrics
+        assert report.missing_truth == ["b"]
+        # COCO, by score: .9 TP, .8 FP, .3 TP -> precision 1 up to recall .5, then 2/3: (51 + 50·2/3) / 101
+        assert m["ap50_at_100"] == pytest.approx((51 + 50 * 2 / 3) / 101)
+        # label maps at .5: a has 1 TP (IoU 1) and 1 FN -> PQ 1/1.5; b has 1 FP -> PQ 0; mean 1/3
+        assert m["pq"] == pytest.approx(1 / 3) and m["sq"] == pytest.approx(0.5)
+        assert m["f1"] == pytest.approx(2 * 1 / (2 + 2))
+        assert m["per_class"]["class2"]["pq"] == pytest.approx(1 / (1 + 0.5 + 0.5))
+        assert m["per_class"]["class1"]["pq"] == -1.0 and m["mpq_plus"] == pytest.approx(0.5)
+    main([str(archive), str(truth["dir"]), str(truth["mapping"]), "--json", "--score-threshold", "0.2"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["pq"] == pytest.approx(0.5)  # at .2 both nuclei of a count: PQ 1 there, 0 on b
+    for key in ("ap50_at_100", "ap", "pq", "dq", "sq", "mpq_plus", "aji", "f1", "per_class"):
+        assert key in printed
+
+
+def test_table_and_per_image_files(truth: dict, capsys) -> None:
+    results = truth["tmp"] / "results.json"
+    results.write_text(json.dumps(_results(truth)))
+    per_csv, per_json = truth["tmp"] / "per.csv", truth["tmp"] / "per.json"
+    main([str(results), str(truth["dir"]), str(truth["mapping"]), "--per-image", str(per_csv)])
+    table = capsys.readouterr().out
+    assert "class2" in table and "AP50@100" in table and "1 without truth folder" in table
+    rows = list(csv.DictReader(per_csv.open()))
+    assert [(r["name"], r["n_true"], r["n_pred"]) for r in rows] == [("a", "2", "1"), ("b", "0", "1")]
+    assert float(rows[0]["pq"]) == pytest.approx(2 / 3) and float(rows[1]["pq"]) == 0.0
+    main([str(results), str(truth["dir"]), str(truth["mapping"]), "--per-image", str(per_json)])
+    assert [r["name"] for r in json.loads(per_json.read_text())] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "results file not found"),
+        ("{not json", "cannot read the results"),
+        ({"a": 1}, "expected a JSON list"),
+        (
+            [{"image_id": 99, "category_id": 1, "score": 0.5, "segmentation": {}}],
+            "row 0: image_id 99 is not in",
+        ),
+        ([{"image_id": 7, "category_id": 1}], "row 0: needs image_id, category_id and a numeric score"),
+        ([{"image_id": 7, "category_id": 5, "score": 0.5}], "row 0: category_id 5"),
+        (
+            [{"image_id": 7, "category_id": 1, "score": 0.5, "segmentation": [[1, 2, 3]]}],
+            "row 0: 'segmentation'",
+        ),
+        (
+            [
+                {
+                    "image_id": 7,
+                    "category_id": 1,
+                    "score": 0.5,
+                    "segmentation": {"size": [3, 3], "counts": "0"},
+                }
+            ],
+            "row 0: mask size",
+        ),
+    ],
+)
+def test_clear_errors_name_the_file_and_row(truth: dict, content, message: str) -> None:
+    results = truth["tmp"] / "bad.json"
+    if content is not None:
+        results.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(ResultsError, match=message) as err:
+        score_results(results, truth["dir"], truth["mapping"])
+    assert str(results) in str(err.value)
+
+
+def test_a_zip_without_results_and_a_missing_truth_dir(truth: dict) -> None:
+    archive = truth["tmp"] / "empty.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("other.json", "[]")
+    with pytest.raises(ResultsError, match="no test-results.json"):
+        score_results(archive, truth["dir"], truth["mapping"])
+    (truth["tmp"] / "ok.json").write_text("[]")
+    with pytest.raises(ResultsError, match="truth folder not found"):
+        score_results(truth["tmp"] / "ok.json", truth["tmp"] / "nowhere", truth["mapping"])
+
+
+@pytest.mark.skipif(not CONSEP.is_dir(), reason=f"consep-dev not available at {CONSEP} (../shared)")
+def test_consep_truth_scored_against_itself_is_perfect(tmp_path: Path) -> None:
+    from cellseg.io import read_test_mapping
+
+    entries = read_test_mapping(CONSEP / "test_image_name_to_ids.json")[:6]
+    mapping = tmp_path / "mapping.json"
+    mapping.write_text(
+        json.dumps(
+            [
+                {"file_name": e.file_name, "id": e.image_id, "height": e.height, "width": e.width}
+                for e in entries
+            ]
+        )
+    )
+    truths, _ = read_truth(CONSEP / "test_truth", entries)
+    rows = [row for e, t in zip(entries, truths, strict=True) for row in to_coco_results(t, e.image_id)]
+    assert len(rows) > 50
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(rows))
+    m = score_results(results, CONSEP / "test_truth", mapping).metrics
+    for key in ("ap50_at_100", "pq", "dq", "sq", "mpq_plus", "aji", "aji_plus", "dice2", "f1"):
+        assert m[key] == pytest.approx(1.0), key
