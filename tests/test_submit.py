@@ -18,7 +18,7 @@ from pycocotools.coco import COCO
 
 from cellseg.instances import Instances
 from cellseg.io import DataFormatError, read_label, read_test_mapping, save_test_npz, write_image_tif
-from cellseg.predict_folder import label_maps, list_images, predict_folder
+from cellseg.predict_folder import label_maps, list_images, predict_folder, read_any_image
 from cellseg.rle import decode, encode_mask
 from cellseg.submit import RESULTS_FILE, ZIP_FILE, load_test_images, write_submission
 from conftest import ROOT, tiny_params
@@ -220,3 +220,30 @@ def test_same_stem_twice_is_an_error(tmp_path: Path) -> None:
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name)
     with pytest.raises(DataFormatError, match="x"):
         list_images(tmp_path)
+
+
+# ------------------------------------------------------------------------------- images of any kind (issue 13)
+def test_a_12bit_png_keeps_its_contrast(tmp_path: Path) -> None:
+    """Pillow opens a 16-bit grayscale PNG as I;16: 12-bit data must come out with its real contrast."""
+    gray12 = np.array([[0, 4095, 2048]], np.uint16)
+    Image.fromarray(gray12).save(tmp_path / "g.png")
+    with Image.open(tmp_path / "g.png") as image:
+        assert image.mode == "I;16"
+    np.testing.assert_array_equal(read_any_image(tmp_path / "g.png")[..., 1], [[0, 255, 128]])
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    """A JPEG whose EXIF says "rotate 90°" is predicted (and its label maps written) upright, as viewers show it."""
+    pixels = np.zeros((20, 30, 3), np.uint8)
+    pixels[:, :10] = 255  # a white band on the left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    Image.fromarray(pixels).save(tmp_path / "r.jpg", exif=exif, quality=100)
+    upright = read_any_image(tmp_path / "r.jpg")
+    assert upright.shape == (30, 20, 3)
+    assert upright[:5].mean() > 200 and upright[-5:].mean() < 50  # the band is now at the top
+    counts = predict_folder(
+        FixedDetector(), tmp_path, tmp_path / "out", tiny_params().predict, torch.device("cpu")
+    )
+    assert counts["r.jpg"]["class1"] == 1
+    assert read_label(tmp_path / "out" / "r" / "class1.tif", (30, 20)).max() == 1
