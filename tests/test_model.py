@@ -204,6 +204,14 @@ def test_local_weights_file_loads_matching_tensors(tmp_path: Path) -> None:
         build_model(_params(**{"model.pretrained": str(tmp_path / "other.pt")}).model, params.aux)
     with pytest.raises(PretrainedWeightsError, match="missing.pt is not a file"):
         build_model(_params(**{"model.pretrained": str(tmp_path / "missing.pt")}).model, params.aux)
+    (tmp_path / "notes.pt").write_text("not a torch file")
+    with pytest.raises(PretrainedWeightsError, match=r"notes\.pt: cannot read as a weights file"):
+        build_model(_params(**{"model.pretrained": str(tmp_path / "notes.pt")}).model, params.aux)
+    torch.save([torch.zeros(3)], tmp_path / "list.pt")
+    with pytest.raises(
+        PretrainedWeightsError, match=r"list\.pt: expected a state dict of tensors, found list"
+    ):
+        build_model(_params(**{"model.pretrained": str(tmp_path / "list.pt")}).model, params.aux)
 
 
 def test_offline_download_fails_fast_with_a_clear_message(tmp_path: Path, monkeypatch) -> None:
