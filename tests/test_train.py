@@ -99,10 +99,11 @@ def test_resume_across_precision_settings(
         torch.amp, "GradScaler", lambda device, enabled: real_scaler("cpu", enabled=amp["on"])
     )
     paths = _paths(tiny_project, tmp_path)
-    train(tiny_params(train__epochs=1, train__eval_every=5), paths)
+    small = {"train__crop_size": 64, "train__train_eval_images": 0, "train__eval_every": 5}
+    train(tiny_params(train__epochs=1, **small), paths)
     assert bool(load_checkpoint(paths.models / LAST)["scaler"]) == first  # empty when saved without AMP
     amp["on"] = then
-    train(tiny_params(train__epochs=2, train__eval_every=5, train__resume=True), paths)
+    train(tiny_params(train__epochs=2, train__resume=True, **small), paths)
     state = load_checkpoint(paths.models / LAST)
     assert state["epoch"] == 1 and [h["epoch"] for h in state["history"]] == [1, 2]
     assert bool(state["scaler"]) == then
