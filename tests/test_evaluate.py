@@ -4,6 +4,7 @@ hand-made case, all-or-nothing writes, and the stage script end to end on the ti
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import json
@@ -107,8 +108,14 @@ def test_stage_writes_every_output_with_its_schema(stage_run) -> None:
     paths, params = stage_run["paths"], stage_run["params"]
     samples = list_samples(paths.val_dir)
     metrics = json.loads(paths.metrics.read_text())
-    for key in ("map", "map_50", "map_75", "map_50_at_100", "map_at_100", "map_small", "mar"):
-        assert -1.0 <= metrics[key] <= 1.0
+    # the validation split has ground truth, so every overall figure is defined (>= 0), and COCO's orderings hold:
+    # a stricter IoU or a lower detection cap never raises AP
+    assert 0.0 <= metrics["map_75"] <= metrics["map_50"] <= 1.0
+    assert 0.0 <= metrics["map"] <= metrics["map_50"]
+    assert 0.0 <= metrics["map_at_100"] <= metrics["map"] and metrics["map_50_at_100"] <= metrics["map_50"]
+    assert 0.0 <= metrics["mar"] <= 1.0
+    assert metrics["map_small"] == -1.0 or 0.0 <= metrics["map_small"] <= 1.0
+    assert metrics["n_ground_truth"] > 0 and metrics["n_predictions"] > 0
     for k in range(1, 5):
         assert {f"ap50_class{k}", f"map_class{k}"} <= metrics.keys()
     assert metrics["max_detections"] == params.predict.max_per_image
@@ -367,15 +374,17 @@ def test_failure_while_writing_keeps_the_previous_outputs(crafted, tmp_path: Pat
 def test_predictions_do_not_depend_on_the_samples_before_them(tiny_project) -> None:
     """torchvision's RoI poolers guess their scales from the first image they see and keep them: a tiny first
     sample (a 40-px image gives stride 2 for 4) must not spoil the samples after it (``model.set_roi_scales``)."""
-    params = tiny_params().predict
+    params = dataclasses.replace(tiny_params().predict, score_threshold=0.0)
     files = list_samples(tiny_project["prepared"] / "val")
     large = max((load_labelled(f)[0] for f in files), key=lambda im: im.shape[0] * im.shape[1])
     assert min(large.shape[:2]) >= 128
     tiny = large[:40, :40]  # the real test set has images from 33x35 px
     fresh, _ = load_trained_model(tiny_project["models"] / "best.pt", CPU)
+    fresh.roi_heads.score_thresh = 0.0  # known to detect: every proposal gives a detection
     alone = predict_image(fresh, large, params)
     warmed, _ = load_trained_model(tiny_project["models"] / "best.pt", CPU)
+    warmed.roi_heads.score_thresh = 0.0
     predict_image(warmed, tiny, params)
     after_tiny = predict_image(warmed, large, params)
-    assert len(after_tiny) == len(alone)
+    assert len(alone) >= 10 and len(after_tiny) == len(alone)
     np.testing.assert_allclose(after_tiny.scores, alone.scores, atol=1e-5)

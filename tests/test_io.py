@@ -11,6 +11,7 @@ import tifffile
 
 from cellseg.io import (
     DataFormatError,
+    DataWarning,
     list_test_images,
     list_train_samples,
     load_npz,
@@ -184,3 +185,105 @@ def test_npz_round_trip_and_missing_npz(tmp_path: Path) -> None:
     assert arrays["labels"].dtype == np.int32
     with pytest.raises(DataFormatError, match="nope.npz: file not found"):
         load_npz(tmp_path / "nope.npz")
+
+
+# ------------------------------------------------------------------------------------ bad input (issue 13)
+def test_12bit_data_in_a_16bit_tif_keeps_its_contrast(tmp_path: Path) -> None:
+    """Microscope cameras store 12-bit data in 16-bit tifs: its maximum 4095 must come out white, not 16."""
+    gray12 = np.array([[0, 4095], [2048, 1000]], np.uint16)
+    tifffile.imwrite(tmp_path / "g12.tif", gray12)
+    rgb = read_image(tmp_path / "g12.tif")
+    np.testing.assert_array_equal(rgb[..., 0], np.round(gray12 * (255 / 4095)).astype(np.uint8))
+    assert rgb.max() == 255
+    gray10 = np.array([[0, 1023]], np.uint16)  # 10-bit data: the smallest depth that holds the maximum
+    np.testing.assert_array_equal(to_rgb8(gray10)[..., 0], [[0, 255]])
+    # 8-bit values stored as 16 bits are left as they are
+    np.testing.assert_array_equal(to_rgb8(np.array([[0, 7, 200]], np.uint16))[..., 0], [[0, 7, 200]])
+
+
+def test_multi_page_tif_is_an_error_not_a_planar_rgb_image(tmp_path: Path) -> None:
+    pages = np.stack([np.full((6, 7), v, np.uint8) for v in (10, 20, 30)])
+    tifffile.imwrite(tmp_path / "stack.tif", pages, photometric="minisblack")  # 3 pages of 6×7
+    with pytest.raises(DataFormatError, match=r"stack\.tif: 3 pages; expected a single-page tif"):
+        read_image(tmp_path / "stack.tif")
+    tifffile.imwrite(tmp_path / "mask.tif", pages[:2].astype(np.float64), photometric="minisblack")
+    with pytest.raises(DataFormatError, match=r"mask\.tif: 2 pages"):
+        read_label(tmp_path / "mask.tif", (6, 7))
+
+
+def test_cmyk_tif_is_an_error_not_rgba(tmp_path: Path) -> None:
+    tifffile.imwrite(tmp_path / "cmyk.tif", np.zeros((6, 7, 4), np.uint8), photometric="separated")
+    with pytest.raises(DataFormatError, match=r"cmyk\.tif: colour model SEPARATED is not supported"):
+        read_image(tmp_path / "cmyk.tif")
+
+
+def test_planar_rgb_tif_still_reads(tmp_path: Path) -> None:
+    planar = np.stack([np.full((5, 6), v, np.uint8) for v in (10, 20, 30)])
+    tifffile.imwrite(tmp_path / "p.tif", planar, photometric="rgb", planarconfig="separate")
+    np.testing.assert_array_equal(read_image(tmp_path / "p.tif")[2, 3], [10, 20, 30])
+
+
+def test_float32_ids_above_2_24_are_an_error(tmp_path: Path) -> None:
+    """float32 cannot hold every id above 2**24: 16777217 is written as 16777216, merging two cells."""
+    labels = np.zeros((4, 4), np.float32)
+    labels[0, 0], labels[1, 1] = 2**24 + 2, 3
+    tifffile.imwrite(tmp_path / "class1.tif", labels)
+    with pytest.raises(DataFormatError, match=r"class1\.tif: label value 16777218 above 16777216"):
+        read_label(tmp_path / "class1.tif", (4, 4))
+    labels[0, 0] = 2**24  # the largest id float32 holds exactly (with all below it) is accepted
+    tifffile.imwrite(tmp_path / "class1.tif", labels)
+    assert read_label(tmp_path / "class1.tif", (4, 4)).max() == 2**24
+
+
+@pytest.mark.parametrize("name", ["Class1.tif", "class1.tiff", "class5.tif", "CLASS2.TIF", "image.tiff"])
+def test_misnamed_class_or_image_file_is_an_error(tmp_path: Path, name: str) -> None:
+    folder = tmp_path / "train" / "s"
+    write_raw_train_sample(folder, np.zeros((8, 8, 3), np.uint8), {})
+    write_label_tif(folder / name, disk_labels((8, 8), [(4, 4)], 2, first_id=1))
+    with pytest.raises(DataFormatError, match=rf"s/{name}: unexpected file name; a sample holds exactly"):
+        list_train_samples(tmp_path)
+
+
+def test_other_unexpected_files_in_a_sample_warn(tmp_path: Path) -> None:
+    folder = tmp_path / "train" / "s"
+    write_raw_train_sample(folder, np.zeros((8, 8, 3), np.uint8), {})
+    (folder / "notes.txt").write_text("scanned 2024")
+    (folder / ".DS_Store").write_bytes(b"")
+    with pytest.warns(
+        DataWarning, match=r"s/notes\.txt: unexpected file in a sample folder, ignored"
+    ) as record:
+        (sample,) = list_train_samples(tmp_path)
+    assert len(record) == 1 and sample.name == "s"
+
+
+def test_two_test_images_with_the_same_stem_are_an_error(tmp_path: Path) -> None:
+    root = make_raw_dataset(tmp_path, n_test=1)
+    write_image_tif(root / "test_release" / "test-00.tiff", np.zeros((48, 64, 3), np.uint8))
+    mapping = json.loads((root / "test_image_name_to_ids.json").read_text())
+    mapping.append({"file_name": "test-00.tiff", "id": 9, "height": 48, "width": 64})
+    (root / "test_image_name_to_ids.json").write_text(json.dumps(mapping))
+    with pytest.raises(DataFormatError, match=r"test-00\.tif and test-00\.tiff have the same stem"):
+        list_test_images(root)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("id", 1.9),
+        ("id", "7"),
+        ("id", True),
+        ("id", 0),
+        ("id", -3),
+        ("id", 2**63),
+        ("height", 0),
+        ("width", 12.0),
+        ("file_name", None),
+        ("file_name", 5),
+        ("file_name", "sub/a.tif"),
+    ],
+)
+def test_mapping_values_are_checked_not_coerced(tmp_path: Path, field: str, value: object) -> None:
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps([{"file_name": "a.tif", "id": 1, "height": 3, "width": 3, field: value}]))
+    with pytest.raises(DataFormatError, match=rf"map\.json: entry 0.*{field} must be"):
+        read_test_mapping(path)

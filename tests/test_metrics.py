@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -198,9 +200,26 @@ def test_inputs_are_checked() -> None:
 
 
 @pytest.mark.parametrize("backend", ["faster_coco_eval", "pycocotools"])
-def test_crop_rles_give_the_same_figures_as_torchmetrics_own_update(scenes, scored, backend) -> None:
-    """Feeding torchmetrics' state with crop RLEs changes nothing against its documented full-mask input."""
+def test_crop_rles_give_the_same_figures_as_full_masks(scenes, scored, backend) -> None:
+    """RLEs encoded from the crops change nothing against pycocotools' encoding of full masks, on either backend."""
     gts, preds = scenes
     through_update = evaluate(gts, preds, CAP, backend=backend, full_masks=True)
     assert through_update.metrics == pytest.approx(scored[0].metrics, abs=1e-12)
     np.testing.assert_allclose(through_update.pr_curves, scored[0].pr_curves, atol=1e-12)
+
+
+def test_evaluation_uses_cocoeval_alone_without_torchmetrics() -> None:
+    """The figures come through COCOeval's public API: no torchmetrics (and none of its private state)."""
+    code = (
+        "import sys, numpy as np\n"
+        "from cellseg.bench.metric import noisy_predictions, voronoi_ground_truth\n"
+        "from cellseg.metrics import evaluate\n"
+        "rng = np.random.default_rng(0)\n"
+        "gt = voronoi_ground_truth(rng, (64, 64), 12)\n"
+        "assert evaluate([gt], [noisy_predictions(rng, gt)], 300).metrics['map_50'] > 0\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchmetrics'))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert run.stdout.strip() == "[]"

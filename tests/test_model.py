@@ -158,6 +158,37 @@ def test_an_image_without_instances_trains() -> None:
     assert torch.isfinite(total)
     total.backward()
     assert instance_targets(empty)["boxes"].shape == (0, 4)
+    _assert_every_trainable_parameter_has_a_finite_gradient(model)
+
+
+def _assert_every_trainable_parameter_has_a_finite_gradient(model: torch.nn.Module) -> None:
+    """A parameter without gradient would also stop DistributedDataParallel (unused parameters)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) > 50 and any(n.startswith("center_head") for n, _ in trainable)
+    missing = [n for n, p in trainable if p.grad is None]
+    assert not missing, f"no gradient: {missing}"
+    bad = [n for n, p in trainable if not torch.isfinite(p.grad).all()]
+    assert not bad, f"non-finite gradient: {bad}"
+
+
+def test_mixed_precision_forward_and_backward_with_the_heads() -> None:
+    """bfloat16 autocast on the CPU (what train.amp does on CUDA with float16), heads on: finite losses, every
+    trainable parameter gets a finite gradient, and detection runs under autocast too."""
+    torch.manual_seed(0)
+    model = build_model(*_model_aux(_params()))
+    model.train()
+    images, targets = _two_images()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images, targets)
+        total = model.total_loss(losses)
+    assert {"loss_center", "loss_boundary", "loss_mask"} <= losses.keys()
+    assert all(torch.isfinite(v) for v in losses.values()) and torch.isfinite(total)
+    total.backward()
+    _assert_every_trainable_parameter_has_a_finite_gradient(model)
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        (detections,) = model.detect(images[:1])
+    assert detections["boxes"].shape[1:] == (4,) and detections["boxes"].dtype.is_floating_point
 
 
 def test_local_weights_file_loads_matching_tensors(tmp_path: Path) -> None:
@@ -173,6 +204,14 @@ def test_local_weights_file_loads_matching_tensors(tmp_path: Path) -> None:
         build_model(_params(**{"model.pretrained": str(tmp_path / "other.pt")}).model, params.aux)
     with pytest.raises(PretrainedWeightsError, match="missing.pt is not a file"):
         build_model(_params(**{"model.pretrained": str(tmp_path / "missing.pt")}).model, params.aux)
+    (tmp_path / "notes.pt").write_text("not a torch file")
+    with pytest.raises(PretrainedWeightsError, match=r"notes\.pt: cannot read as a weights file"):
+        build_model(_params(**{"model.pretrained": str(tmp_path / "notes.pt")}).model, params.aux)
+    torch.save([torch.zeros(3)], tmp_path / "list.pt")
+    with pytest.raises(
+        PretrainedWeightsError, match=r"list\.pt: expected a state dict of tensors, found list"
+    ):
+        build_model(_params(**{"model.pretrained": str(tmp_path / "list.pt")}).model, params.aux)
 
 
 def test_offline_download_fails_fast_with_a_clear_message(tmp_path: Path, monkeypatch) -> None:

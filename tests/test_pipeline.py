@@ -86,6 +86,21 @@ def test_repro_produces_metrics_plots_and_submission(repo: Path) -> None:
     assert "Data and pipelines are up to date" in _run(repo, "dvc", "repro")
 
 
+def test_a_changed_test_split_reruns_submit_only(repo: Path) -> None:
+    """A new test set must not rebuild the maps or retrain: train and maps depend on prepared train/val only."""
+    test_npz = sorted((repo / "data" / "prepared" / "test").glob("*.npz"))[0]
+    original = test_npz.read_bytes()
+    try:
+        test_npz.write_bytes(original + b"\0")  # as if prepare had written a different test image
+        status = json.loads(_run(repo, "dvc", "status", "--json"))
+    finally:
+        test_npz.write_bytes(original)
+    assert "submit" in status and "prepare" in status  # prepare's output changed; submit reads it
+    for stage in ("maps", "train", "evaluate"):
+        assert stage not in status, f"{stage} would rerun: {status.get(stage)}"
+    assert "Data and pipelines are up to date" in _run(repo, "dvc", "repro")
+
+
 def test_experiment_reruns_only_what_the_param_touches(repo: Path) -> None:
     output = _run(repo, "dvc", "exp", "run", "-S", "aux.w_boundary=0.2")
     assert "Running stage 'train'" in output and "Running stage 'evaluate'" in output

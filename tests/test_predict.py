@@ -247,43 +247,62 @@ def test_resolve_overlaps_gives_each_pixel_to_the_best_instance() -> None:
 
 
 # ----------------------------------------------------------------------------------------- the real model
+def _eager(model):
+    """The trained model with every score threshold at 0: it is then known to detect (each RPN proposal gives
+    a box of some class with a softmax score above 0), so the checks below always have detections to check."""
+    model.roi_heads.score_thresh = 0.0
+    return model
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tiny_project):
     model, _ = load_trained_model(tiny_project["models"] / "best.pt", torch.device("cpu"))
-    return model
+    return _eager(model)
+
+
+def _eager_params(tiny_project):
+    return dataclasses.replace(tiny_project["params"].predict, score_threshold=0.0)
 
 
 def _check_resolution(inst: Instances, height: int, width: int) -> None:
     assert (inst.height, inst.width) == (height, width)
+    assert len(inst) > 0, "the eager model detects in every image"
     for (y0, x0), crop in zip(inst.offsets, inst.crops, strict=True):
         assert 0 <= y0 and y0 + crop.shape[0] <= height and 0 <= x0 and x0 + crop.shape[1] <= width
-    for rle in encode_instances(inst):
+    rles = encode_instances(inst)
+    assert len(rles) == len(inst)
+    for rle in rles:
         assert decode(rle).shape == (height, width)
 
 
 def test_real_model_tiled_prediction_at_original_resolution(tiny_model, tiny_project) -> None:
     sample = load_npz(next((tiny_project["prepared"] / "train").glob("*.npz")))["image"]
     image = np.tile(sample, (3, 3, 1))[:300, :260]
-    params = tiny_project["params"].predict
+    params = _eager_params(tiny_project)
     assert max(image.shape[:2]) > params.tile_size
-    _check_resolution(predict_image(tiny_model, image, params), 300, 260)
+    inst = predict_image(tiny_model, image, params)
+    _check_resolution(inst, 300, 260)
+    boxes = inst.boxes_xyxy()  # the last tiles detect too: boxes beyond the first tile, in both directions
+    assert (boxes[:, 0] >= 260 - params.tile_size).any() and (boxes[:, 1] >= 300 - params.tile_size).any()
 
 
 def test_real_model_tiny_image(tiny_model, tiny_project) -> None:
     image = np.random.default_rng(0).integers(0, 256, (33, 35, 3), dtype=np.uint8)
-    _check_resolution(predict_image(tiny_model, image, tiny_project["params"].predict), 33, 35)
+    _check_resolution(predict_image(tiny_model, image, _eager_params(tiny_project)), 33, 35)
 
 
 def test_a_tiny_first_image_does_not_spoil_later_detections(tiny_project) -> None:
     """torchvision's RoI pooler guesses its level scales from the first batch it sees; a 33-px image would
     make it guess wrong for good (see ``model.set_roi_scales``)."""
-    checkpoint, params = tiny_project["models"] / "best.pt", tiny_project["params"].predict
+    checkpoint, params = tiny_project["models"] / "best.pt", _eager_params(tiny_project)
     image = load_npz(next((tiny_project["prepared"] / "train").glob("*.npz")))["image"][:96, :96]
     tiny = np.random.default_rng(0).integers(0, 256, (33, 35, 3), dtype=np.uint8)
     fresh, _ = load_trained_model(checkpoint, torch.device("cpu"))
-    expected = predict_image(fresh, image, params)
+    expected = predict_image(_eager(fresh), image, params)
     primed, _ = load_trained_model(checkpoint, torch.device("cpu"))
-    predict_image(primed, tiny, params)
+    predict_image(_eager(primed), tiny, params)
     got = predict_image(primed, image, params)
+    assert len(expected) >= 10  # something to compare
     np.testing.assert_array_equal(got.scores, expected.scores)
     np.testing.assert_array_equal(got.labels, expected.labels)
+    np.testing.assert_array_equal(got.offsets, expected.offsets)

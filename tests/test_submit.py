@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import zipfile
+from collections import Counter
 from pathlib import Path
 from types import ModuleType
 
@@ -18,11 +20,13 @@ from pycocotools.coco import COCO
 
 from cellseg.instances import Instances
 from cellseg.io import DataFormatError, read_label, read_test_mapping, save_test_npz, write_image_tif
-from cellseg.predict_folder import label_maps, list_images, predict_folder
+from cellseg.predict_folder import label_maps, list_images, predict_folder, read_any_image
 from cellseg.rle import decode, encode_mask
-from cellseg.submit import RESULTS_FILE, ZIP_FILE, load_test_images, write_submission
+from cellseg.submit import RESULTS_FILE, ZIP_FILE, load_test_images, submit, write_submission
 from cellseg.thresholds import untuned, write_thresholds
 from conftest import ROOT, tiny_params
+
+CPU = torch.device("cpu")
 
 
 def _stage(name: str) -> ModuleType:
@@ -95,12 +99,19 @@ def test_results_load_with_pycocotools_and_match_the_mapping(submission: Path, t
         np.testing.assert_allclose(row["bbox"], mask_utils.toBbox(row["segmentation"]))  # [x, y, w, h]
 
 
-def test_every_mapped_test_image_is_predicted(tiny_project) -> None:
+def test_every_mapped_test_image_is_predicted(tiny_project, tmp_path: Path) -> None:
+    """With a stand-in that detects two cells in any image, the submission holds exactly two rows for every
+    image of the mapping, at its original size (one tile per image: the stand-in would detect in every tile)."""
     mapping = read_test_mapping(tiny_project["raw"] / "test_image_name_to_ids.json")
     tests = load_test_images(tiny_project["prepared"] / "test")
     assert sorted(t.image_id for t in tests) == sorted(e.image_id for e in mapping)
-    sizes = {e.image_id: (e.height, e.width) for e in mapping}
-    assert all(t.image.shape[:2] == sizes[t.image_id] for t in tests)  # original resolution
+    params = dataclasses.replace(tiny_params().predict, tile_size=1024)
+    summary = submit(FixedDetector(), tiny_project["prepared"] / "test", tmp_path, params, CPU)
+    assert summary["images_without_instances"] == 0
+    rows = json.loads((tmp_path / RESULTS_FILE).read_text())
+    assert Counter(row["image_id"] for row in rows) == {e.image_id: 2 for e in mapping}
+    sizes = {e.image_id: [e.height, e.width] for e in mapping}
+    assert all(row["segmentation"]["size"] == sizes[row["image_id"]] for row in rows)  # original resolution
 
 
 def test_no_test_images_is_a_clear_error(tmp_path: Path) -> None:
@@ -226,14 +237,33 @@ def test_predict_folder_writes_raw_format_label_maps(tmp_path: Path) -> None:
 
 
 def test_predict_cli_with_the_real_model(tiny_project, tmp_path: Path) -> None:
-    sizes = _write_images(tmp_path / "in")
+    """The stage on the tiny project's test images (cells the 1-epoch model detects), as tif and png: every
+    image gets its folder, and the label files hold exactly the instances the stage reports."""
+    (tmp_path / "in").mkdir()
+    sizes = {}
+    for i, test in enumerate(load_test_images(tiny_project["prepared"] / "test")):
+        stem = f"image-{i}"
+        if i % 2:
+            Image.fromarray(test.image).save(tmp_path / "in" / f"{stem}.png")
+        else:
+            write_image_tif(tmp_path / "in" / f"{stem}.tif", test.image)
+        sizes[stem] = test.image.shape[:2]
     argv = [str(tiny_project["models"] / "best.pt"), str(tmp_path / "in"), str(tmp_path / "out")]
     _run_stage("predict", argv, tiny_project, tmp_path / "work")
+    found = 0
     for stem, size in sizes.items():
         assert (tmp_path / "out" / stem).is_dir()
+        ids = set()
         for path in (tmp_path / "out" / stem).iterdir():
             assert path.name in ("class1.tif", "class2.tif", "class3.tif", "class4.tif")
-            assert read_label(path, size).max() > 0
+            labels = read_label(path, size)
+            assert labels.max() > 0
+            ids |= set(np.unique(labels[labels > 0]).tolist())
+        assert len(ids) == sum(
+            len(np.unique(read_label(p, size))) - 1 for p in (tmp_path / "out" / stem).iterdir()
+        )
+        found += len(ids)  # ids are distinct across the classes of an image
+    assert found > 0, "the tiny model detects cells in its own test images"
 
 
 def test_same_stem_twice_is_an_error(tmp_path: Path) -> None:
@@ -241,3 +271,30 @@ def test_same_stem_twice_is_an_error(tmp_path: Path) -> None:
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name)
     with pytest.raises(DataFormatError, match="x"):
         list_images(tmp_path)
+
+
+# ------------------------------------------------------------------------------- images of any kind (issue 13)
+def test_a_12bit_png_keeps_its_contrast(tmp_path: Path) -> None:
+    """Pillow opens a 16-bit grayscale PNG as I;16: 12-bit data must come out with its real contrast."""
+    gray12 = np.array([[0, 4095, 2048]], np.uint16)
+    Image.fromarray(gray12).save(tmp_path / "g.png")
+    with Image.open(tmp_path / "g.png") as image:
+        assert image.mode == "I;16"
+    np.testing.assert_array_equal(read_any_image(tmp_path / "g.png")[..., 1], [[0, 255, 128]])
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    """A JPEG whose EXIF says "rotate 90°" is predicted (and its label maps written) upright, as viewers show it."""
+    pixels = np.zeros((20, 30, 3), np.uint8)
+    pixels[:, :10] = 255  # a white band on the left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    Image.fromarray(pixels).save(tmp_path / "r.jpg", exif=exif, quality=100)
+    upright = read_any_image(tmp_path / "r.jpg")
+    assert upright.shape == (30, 20, 3)
+    assert upright[:5].mean() > 200 and upright[-5:].mean() < 50  # the band is now at the top
+    counts = predict_folder(
+        FixedDetector(), tmp_path, tmp_path / "out", tiny_params().predict, torch.device("cpu")
+    )
+    assert counts["r.jpg"]["class1"] == 1
+    assert read_label(tmp_path / "out" / "r" / "class1.tif", (30, 20)).max() == 1

@@ -85,6 +85,33 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(
     assert resumed["history"][-1]["val/map"] == straight["history"][-1]["val/map"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("first", "then"), [(False, True), (True, False)], ids=["fp32-then-amp", "amp-then-fp32"]
+)
+def test_resume_across_precision_settings(
+    tiny_project: dict, tmp_path: Path, monkeypatch, first: bool, then: bool
+) -> None:
+    """A run resumed with train.amp switched (a checkpoint from a CPU run continued on a GPU, or back) goes on.
+
+    On the CPU, AMP is forced here the way CUDA gets it: an enabled GradScaler, hence bfloat16 autocast."""
+    real_scaler = torch.amp.GradScaler
+    amp = {"on": first}
+    monkeypatch.setattr(
+        torch.amp, "GradScaler", lambda device, enabled: real_scaler("cpu", enabled=amp["on"])
+    )
+    paths = _paths(tiny_project, tmp_path)
+    small = {"train__crop_size": 64, "train__train_eval_images": 0, "train__eval_every": 5}
+    train(tiny_params(train__epochs=1, **small), paths)
+    assert bool(load_checkpoint(paths.models / LAST)["scaler"]) == first  # empty when saved without AMP
+    amp["on"] = then
+    train(tiny_params(train__epochs=2, train__resume=True, **small), paths)
+    state = load_checkpoint(paths.models / LAST)
+    assert state["epoch"] == 1 and [h["epoch"] for h in state["history"]] == [1, 2]
+    assert bool(state["scaler"]) == then
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     tiny_project: dict, tmp_path: Path, monkeypatch
 ) -> None:

@@ -11,12 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
-
-
-def _compact_ids(row: np.ndarray) -> np.ndarray:
-    """The same instances renumbered 1..n in id order; 0 stays background."""
-    ids, inverse = np.unique(row, return_inverse=True)
-    return (inverse.reshape(row.shape) + (ids[0] != 0)).astype(np.int32)
+from skimage.segmentation import relabel_sequential
 
 
 @dataclass
@@ -54,7 +49,7 @@ class Instances:
         out_labels, offsets, crops = [], [], []
         for k, row in enumerate(labels):
             if row.size and row.max() > row.size:
-                row = _compact_ids(row)
+                row = relabel_sequential(row)[0]  # ids 1..n in id order; 0 stays background
             slices = ndimage.find_objects(row)
             for instance_id, sl in enumerate(slices, start=1):
                 if sl is None:

@@ -17,11 +17,14 @@ Every error raised here is a :class:`DataFormatError` whose message starts with 
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tifffile
+from skimage.util import img_as_ubyte
 
 from cellseg import NUM_CLASSES, CellsegError
 from cellseg.fsutil import save_npz
@@ -31,21 +34,41 @@ CLASS_FILES = tuple(f"class{k}.tif" for k in range(1, NUM_CLASSES + 1))
 TEST_DIR = "test_release"
 TEST_MAPPING = "test_image_name_to_ids.json"
 _INT32_MAX = np.iinfo(np.int32).max
+_INT64_MAX = np.iinfo(np.int64).max
+_PHOTOMETRICS = (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB)
+_LOOKS_LIKE_SAMPLE_FILE = re.compile(r"(image|class\s*\d*)\.(tiff?|png|jpe?g)", re.IGNORECASE)
+_BIT_DEPTHS = (8, 10, 12, 14, 16)
+"""Sensor bit depths of 16-bit data; the smallest one holding an image's maximum sets its white level."""
 
 
 class DataFormatError(CellsegError, ValueError):
     """Input that does not follow the dataset format. The message names the file and what is wrong."""
 
 
+class DataWarning(UserWarning):
+    """Input that is used, but with something ignored that the user should know about."""
+
+
 # --------------------------------------------------------------------------------------------------- tif reading
 def _read_tif(path: Path) -> np.ndarray:
+    """The single image of a tif. Several pages or a colour model other than grey/RGB(A) is an error: such
+    files would otherwise read as a planar RGB(A) image (3 or 4 pages) or as RGBA (CMYK) with wrong colours."""
     if not path.is_file():
         raise DataFormatError(f"{path}: file not found")
     try:
-        array = tifffile.imread(path)
+        with tifffile.TiffFile(path) as tif:
+            pages = len(tif.pages)
+            photometric = tif.pages[0].photometric if pages else None
+            array = tif.asarray() if pages == 1 else None
     except Exception as err:  # tifffile raises many types for corrupt or truncated files
         raise DataFormatError(f"{path}: cannot read as tif ({type(err).__name__}: {err})") from err
-    if array.size == 0:  # tifffile warns and returns nothing when no valid page is found
+    if pages > 1:
+        raise DataFormatError(f"{path}: {pages} pages; expected a single-page tif (one image per file)")
+    if photometric is not None and photometric not in _PHOTOMETRICS:
+        raise DataFormatError(
+            f"{path}: colour model {photometric.name} is not supported (expected greyscale or RGB(A))"
+        )
+    if array is None or array.size == 0:  # no valid page: corrupt or empty file
         raise DataFormatError(f"{path}: cannot read as tif (no image data: corrupt or empty file)")
     return array
 
@@ -53,8 +76,10 @@ def _read_tif(path: Path) -> np.ndarray:
 def to_rgb8(array: np.ndarray, source: str | Path = "<array>") -> np.ndarray:
     """Convert a grayscale, RGB or RGBA image of uint8, uint16 or float in [0, 1] to ``uint8 H×W×3``.
 
-    Alpha is dropped, grayscale is repeated to three channels, 16-bit data is scaled by 255/65535 and
-    channel-first (planar) arrays are moved to channel-last.
+    Alpha is dropped, grayscale is repeated to three channels and channel-first (planar) arrays are moved to
+    channel-last. 16-bit data is scaled by its bit depth: the smallest of 8, 10, 12, 14 or 16 bits that holds
+    the image's maximum, so 12-bit camera data (stored in 16-bit tifs) keeps its contrast instead of turning
+    nearly black. Bool and float use scikit-image's ``img_as_ubyte``.
     """
     a = np.asarray(array)
     if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
@@ -69,22 +94,23 @@ def to_rgb8(array: np.ndarray, source: str | Path = "<array>") -> np.ndarray:
         a = a[..., :3]
     elif a.shape[-1] == 1:
         a = np.repeat(a, 3, axis=-1)
+    if min(a.shape[:2]) < 1:
+        raise DataFormatError(f"{source}: empty image of shape {a.shape}")
     if a.dtype == np.uint8:
         pass
     elif a.dtype == np.uint16:
-        a = np.round(a.astype(np.float32) * (255.0 / 65535.0)).astype(np.uint8)
+        white = 2 ** next(b for b in _BIT_DEPTHS if a.max() < 2**b) - 1
+        a = np.round(a.astype(np.float32) * (255.0 / white)).astype(np.uint8)
     elif a.dtype == np.bool_:
-        a = a.astype(np.uint8) * 255
+        a = img_as_ubyte(a)
     elif np.issubdtype(a.dtype, np.floating):
         if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
             raise DataFormatError(f"{source}: float image values must be finite and within [0, 1]")
-        a = np.round(a * 255.0).astype(np.uint8)
+        a = img_as_ubyte(a)
     else:
         raise DataFormatError(
             f"{source}: unsupported image dtype {a.dtype} (use uint8, uint16 or float in [0, 1])"
         )
-    if min(a.shape[:2]) < 1:
-        raise DataFormatError(f"{source}: empty image of shape {a.shape}")
     return np.ascontiguousarray(a)
 
 
@@ -107,6 +133,7 @@ def to_label_image(array: np.ndarray, source: str | Path = "<array>") -> np.ndar
     if a.ndim != 2:
         raise DataFormatError(f"{source}: a label image must be 2-D, got shape {a.shape}")
     if np.issubdtype(a.dtype, np.floating):
+        exact = 2 ** (np.finfo(a.dtype).nmant + 1)  # float32: 2**24; above it ids are rounded when written
         bad = ~np.isfinite(a)
         if bad.any():
             raise DataFormatError(f"{source}: {int(bad.sum())} non-finite label value(s) (NaN or inf)")
@@ -116,6 +143,11 @@ def to_label_image(array: np.ndarray, source: str | Path = "<array>") -> np.ndar
             raise DataFormatError(
                 f"{source}: {int(fractional.sum())} non-integral label value(s), e.g. {value!r}; "
                 "instance ids must be whole numbers"
+            )
+        if a.size and a.max() > exact:
+            raise DataFormatError(
+                f"{source}: label value {int(a.max())} above {exact}, the largest id that {a.dtype} stores "
+                "exactly (neighbouring ids may have merged); save label images as float64 or integers"
             )
     elif not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
         raise DataFormatError(f"{source}: unsupported label dtype {a.dtype}")
@@ -160,12 +192,18 @@ class TestEntry:
 
 
 def list_train_samples(raw_dir: str | Path) -> list[RawTrainSample]:
-    """List ``<raw>/train/<sample>/`` folders in name order. Every folder must hold ``image.tif``."""
+    """List ``<raw>/train/<sample>/`` folders in name order. Every folder must hold ``image.tif``.
+
+    A file that looks like an image or class file but is not one of the exact names (``Class1.tif``,
+    ``class1.tiff``, ``class5.tif``, ``image.png``) is an error: ignoring it would train that sample's cells as
+    background. Any other file (notes, thumbnails) only gets a warning; hidden files are skipped.
+    """
     train_dir = Path(raw_dir) / "train"
     if not train_dir.is_dir():
         raise DataFormatError(f"{train_dir}: missing folder (expected <raw>/train/<sample>/image.tif)")
     samples = []
     for folder in sorted(p for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        _check_sample_files(folder)
         image_path = folder / IMAGE_FILE
         if not image_path.is_file():
             raise DataFormatError(f"{folder}: train folder without {IMAGE_FILE}")
@@ -174,6 +212,19 @@ def list_train_samples(raw_dir: str | Path) -> list[RawTrainSample]:
     if not samples:
         raise DataFormatError(f"{train_dir}: no samples (expected <sample>/{IMAGE_FILE} folders)")
     return samples
+
+
+def _check_sample_files(folder: Path) -> None:
+    expected = (IMAGE_FILE, *CLASS_FILES)
+    for path in sorted(folder.iterdir()):
+        if path.name in expected or path.name.startswith("."):
+            continue
+        if _LOOKS_LIKE_SAMPLE_FILE.fullmatch(path.name):
+            raise DataFormatError(
+                f"{path}: unexpected file name; a sample holds exactly {', '.join(expected)} "
+                "(lower case, .tif), so this file would be ignored"
+            )
+        warnings.warn(f"{path}: unexpected file in a sample folder, ignored", DataWarning, stacklevel=3)
 
 
 def read_train_sample(sample: RawTrainSample) -> tuple[np.ndarray, np.ndarray]:
@@ -197,21 +248,31 @@ def read_test_mapping(path: str | Path) -> list[TestEntry]:
         raise DataFormatError(f"{path}: invalid JSON ({err})") from err
     if not isinstance(rows, list):
         raise DataFormatError(f"{path}: expected a JSON list of {{file_name, id, height, width}} objects")
-    entries = []
-    for i, row in enumerate(rows):
-        try:
-            entry = TestEntry(str(row["file_name"]), int(row["id"]), int(row["height"]), int(row["width"]))
-        except (KeyError, TypeError, ValueError) as err:
-            raise DataFormatError(
-                f"{path}: entry {i} needs file_name, id, height and width ({err!r})"
-            ) from err
-        entries.append(entry)
+    entries = [_test_entry(path, i, row) for i, row in enumerate(rows)]
     for field in ("file_name", "image_id"):
         values = [getattr(e, field) for e in entries]
         dupes = sorted({v for v in values if values.count(v) > 1})
         if dupes:
             raise DataFormatError(f"{path}: duplicate {field} values {dupes[:5]}")
     return entries
+
+
+def _test_entry(path: Path, index: int, row: object) -> TestEntry:
+    """One mapping row, checked strictly: a value of the wrong type is an error, never converted."""
+    fields = ("file_name", "id", "height", "width")
+    if not isinstance(row, dict) or any(f not in row for f in fields):
+        raise DataFormatError(f"{path}: entry {index} needs file_name, id, height and width (got {row!r})")
+    name = row["file_name"]
+    if not isinstance(name, str) or not name or Path(name).name != name:
+        raise DataFormatError(f"{path}: entry {index}: file_name must be a file name, got {name!r}")
+    for field, low in (("id", 1), ("height", 1), ("width", 1)):
+        value = row[field]
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= _INT64_MAX:
+            raise DataFormatError(
+                f"{path}: entry {index} ({name}): {field} must be a whole number in [{low}, 2**63 - 1], "
+                f"got {value!r}"
+            )
+    return TestEntry(name, row["id"], row["height"], row["width"])
 
 
 def list_test_images(raw_dir: str | Path) -> list[tuple[TestEntry, Path]]:
@@ -233,6 +294,15 @@ def list_test_images(raw_dir: str | Path) -> list[tuple[TestEntry, Path]]:
         raise DataFormatError(
             f"{test_dir}: {len(missing)} image(s) of {mapping_path.name} missing, e.g. {missing[:3]}"
         )
+    stems: dict[str, str] = {}
+    for name in sorted(on_disk):
+        stem = Path(name).stem
+        if stem in stems:
+            raise DataFormatError(
+                f"{test_dir}: {stems[stem]} and {name} have the same stem, so both would be written to "
+                f"{stem}.npz; rename one"
+            )
+        stems[stem] = name
     unmapped = sorted(on_disk.keys() - mapped)
     if unmapped:
         raise DataFormatError(

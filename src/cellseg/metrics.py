@@ -1,25 +1,20 @@
-"""Mask mAP in the COCO way (torchmetrics on the faster-coco-eval backend), PR curves and a confusion matrix.
+"""Mask mAP in the COCO way (COCOeval on the faster-coco-eval backend), PR curves and a confusion matrix.
 
-Every figure is read from COCOeval's accumulated ``precision`` array (``T×R×K×A×M``: IoU thresholds × 101 recall
-thresholds × classes × area ranges all/small/medium/large × max-detection caps) and averaged the way
-``COCOeval.summarize`` does (mean over the entries > -1), because ``summarize`` itself cannot be trusted here:
+The ground truth and the predictions become COCO documents (``rle.to_coco_ground_truth``/``to_coco_results``,
+RLEs encoded from the box-local crops) and go through COCOeval's public API: ``COCOeval_faster`` from
+faster-coco-eval, or pycocotools' ``COCOeval`` (same arrays, slower). Every figure is read from COCOeval's
+accumulated ``precision`` array (``T×R×K×A×M``: IoU thresholds × 101 recall thresholds × classes × area ranges
+all/small/medium/large × max-detection caps) and averaged the way ``COCOeval.summarize`` does (mean over the
+entries > -1), because ``summarize`` itself cannot be trusted here:
 
-- pycocotools' ``summarize`` hard-codes maxDets=100 for ``stats[0]`` and uses the last cap for the others, so
-  torchmetrics on that backend reports ``map`` at 100 next to ``map_50`` at the last cap (``map=-1`` when 100 is
-  not a cap at all); faster-coco-eval reports all of them at the last cap.
+- pycocotools' ``summarize`` hard-codes maxDets=100 for ``stats[0]`` and uses the last cap for the others;
+  faster-coco-eval reports all of them at the last cap.
 - The cap is per image **and per class** (``useCats=1``): the leaderboard, which scores AP50 with COCOeval's
   default ``maxDets=[1, 10, 100]``, counts the 100 best-scored masks of each class in each image.
 
-Where torchmetrics departs from COCOeval, :func:`evaluate` undoes it:
-
-- ``average="micro"`` pools all classes into one (and one 100-detection cap per image): we pass ``"macro"``.
-- Its default IoU and recall thresholds are float32-rounded (0.55 becomes 0.55000001), which moves matches that
-  sit exactly on a threshold: we pass COCO's float64 thresholds.
-- It drops an image from the ground truth when it has no instance, so false positives on it would not count:
-  such an image gets an empty crowd region, which matches nothing and is ignored, but keeps the image in.
-  Likewise, a prediction set with no mask at all gets one empty zero-score mask so COCOeval scores 0, not -1.
-
-Undefined figures (a class or size range without ground truth) are -1, as in COCO.
+Every image is listed in the ground-truth document, so false positives on an image without ground truth count,
+and a class without ground truth is -1 (undefined, as in COCO). A result's area is its mask area (no ``bbox`` is
+given to ``loadRes``, which would otherwise take the box area and move detections between size ranges).
 """
 
 from __future__ import annotations
@@ -29,18 +24,21 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-import torch
+from faster_coco_eval import COCO as FasterCOCO
+from faster_coco_eval import COCOeval_faster
 from pycocotools import mask as mask_utils
-from torchmetrics.detection import MeanAveragePrecision
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from cellseg import NUM_CLASSES
 from cellseg.instances import Instances
-from cellseg.rle import encode_instances, encode_mask
+from cellseg.rle import encode_instances, encode_mask, to_coco_ground_truth, to_coco_results
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
 LEADERBOARD_MAX_DETECTIONS = 100
 AREA_RANGES = ("all", "small", "medium", "large")
+BACKENDS = {"faster_coco_eval": (FasterCOCO, COCOeval_faster), "pycocotools": (COCO, COCOeval)}
 _T50, _T75 = (int(np.argmin(np.abs(IOU_THRESHOLDS - t))) for t in (0.5, 0.75))
 BACKGROUND = NUM_CLASSES
 """Index of the "no instance" row/column of :func:`confusion_matrix` (classes 1..4 are indices 0..3)."""
@@ -58,80 +56,24 @@ class Evaluation:
     pr_curves: np.ndarray
 
 
-class _CropMeanAveragePrecision(MeanAveragePrecision):
-    """torchmetrics' segm mAP fed from box-local crops instead of full-image mask tensors.
-
-    ``MeanAveragePrecision.update`` takes N×H×W boolean masks per image and RLE-encodes each of them, which
-    dominates the metric's run time and needs N×H×W bytes (1.5 GB for 300 cells in a 2500×2000 image). Its
-    state per image is a tuple of ``((h, w), counts)`` RLEs; :meth:`add_image` builds exactly that from the
-    crops (``rle.encode_instances``, byte-identical to pycocotools' encoding), so ``compute`` — the COCO
-    evaluation on the faster-coco-eval or pycocotools backend — is unchanged. The tests compare every figure with
-    pycocotools' own COCOeval.
-    """
-
-    def add_image(self, prediction: _Masks, target: _Masks) -> None:
-        self._update_count += 1  # what torchmetrics' update wrapper records, so compute knows it has data
-        self._computed = None
-        self.detection_mask.append(prediction.rles)
-        self.detection_labels.append(torch.from_numpy(prediction.labels))
-        self.detection_scores.append(torch.from_numpy(prediction.scores))
-        self.groundtruth_mask.append(target.rles)
-        self.groundtruth_labels.append(torch.from_numpy(target.labels))
-        self.groundtruth_crowds.append(torch.from_numpy(target.crowd))
-        self.groundtruth_area.append(torch.zeros(len(target.labels)))  # 0: area is computed from the mask
+def _full_mask_results(inst: Instances, image_id: int) -> list[dict]:
+    """Results rows with RLEs encoded from full ``H×W`` masks (pycocotools' documented way; the baseline)."""
+    rows = to_coco_results(inst, image_id)
+    for row, mask in zip(rows, inst.full_masks(), strict=True):
+        row["segmentation"] = encode_mask(mask)
+    return rows
 
 
-@dataclass(frozen=True)
-class _Masks:
-    """One image's instances in torchmetrics' state format."""
-
-    rles: tuple
-    labels: np.ndarray
-    scores: np.ndarray
-    crowd: np.ndarray
-    source: Instances | None = None
-
-    @classmethod
-    def of(cls, inst: Instances) -> _Masks:
-        rles = tuple(((inst.height, inst.width), r["counts"].encode()) for r in encode_instances(inst))
-        n = len(inst)
-        labels, scores = inst.labels.astype(np.int64), inst.scores.astype(np.float32)
-        return cls(rles, labels, scores, np.zeros(n, np.int64), inst)
-
-    def as_update_input(self) -> dict[str, torch.Tensor]:
-        """``MeanAveragePrecision.update``'s own input (full N×H×W masks): the path torchmetrics documents."""
-        if self.source is not None:
-            masks = self.source.full_masks()
-        else:
-            masks = np.stack([mask_utils.decode({"size": list(size), "counts": c}) for size, c in self.rles])
-        return {
-            "masks": torch.from_numpy(masks.astype(bool)),
-            "labels": torch.from_numpy(self.labels),
-            "scores": torch.from_numpy(self.scores),
-            "iscrowd": torch.from_numpy(self.crowd),
-        }
-
-    @classmethod
-    def empty_mask(cls, height: int, width: int, label: int, score: float, crowd: int) -> _Masks:
-        rle = encode_mask(np.zeros((height, width), bool))
-        return cls(
-            (((height, width), rle["counts"].encode()),),
-            np.array([label], np.int64),
-            np.array([score], np.float32),
-            np.array([crowd], np.int64),
-        )
-
-
-def _target(inst: Instances, n_predictions: int) -> _Masks:
-    if len(inst) == 0 and n_predictions > 0:  # keep the image in: an empty crowd region matches nothing
-        return _Masks.empty_mask(inst.height, inst.width, label=1, score=1.0, crowd=1)
-    return _Masks.of(inst)
-
-
-def _placeholder_prediction(inst: Instances) -> _Masks:
-    """One empty, zero-score mask of a ground-truth class of ``inst``: a false positive that changes no AP."""
-    label = int(inst.labels[0]) if len(inst) else 1
-    return _Masks.empty_mask(inst.height, inst.width, label=label, score=0.0, crowd=0)
+def _documents(
+    ground_truth: list[Instances], predictions: list[Instances], full_masks: bool
+) -> tuple[dict, list[dict]]:
+    """The COCO ground-truth dataset and results list (without ``bbox``: the mask gives the area)."""
+    gt = to_coco_ground_truth([(i, f"{i}", inst) for i, inst in enumerate(ground_truth, start=1)])
+    results_of = _full_mask_results if full_masks else to_coco_results
+    results = [row for i, inst in enumerate(predictions, start=1) for row in results_of(inst, i)]
+    for row in results:
+        del row["bbox"]
+    return gt, results
 
 
 def _coco_arrays(
@@ -142,34 +84,34 @@ def _coco_arrays(
     full_masks: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """COCOeval's ``precision`` (T×R×K×A×M) and ``recall`` (T×K×A×M) with K = classes 1..4 (-1 where absent)."""
-    metric = _CropMeanAveragePrecision(
-        iou_type="segm",
-        sync_on_compute=False,  # scored on one process; under torchrun the other ranks are not taking part
-        backend=backend,
-        max_detection_thresholds=caps,
-        iou_thresholds=IOU_THRESHOLDS.tolist(),
-        rec_thresholds=RECALL_THRESHOLDS.tolist(),
-        average="macro",
-        extended_summary=True,
-    )
-    metric.warn_on_many_detections = False  # it counts all classes together, but COCO's cap is per class
-    any_prediction = any(len(p) for p in predictions)
-    for i, (gt, pred) in enumerate(zip(ground_truth, predictions, strict=True)):
-        pred_masks = _Masks.of(pred) if any_prediction or i > 0 else _placeholder_prediction(gt)
-        target = _target(gt, len(pred_masks.labels))
-        if full_masks:
-            metric.update([pred_masks.as_update_input()], [target.as_update_input()])
-        else:
-            metric.add_image(pred_masks, target)
-    with contextlib.redirect_stdout(io.StringIO()):
-        result = metric.compute()
-    shape = (len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS), NUM_CLASSES, len(AREA_RANGES), len(caps))
-    precision, recall = -np.ones(shape), -np.ones(shape[:1] + shape[2:])
-    if "precision" in result:  # absent when no image has ground truth
-        k = result["classes"].numpy().reshape(-1) - 1
-        precision[:, :, k] = result["precision"].numpy()
-        recall[:, k] = result["recall"].numpy()
-    return precision, recall
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    coco_class, eval_class = BACKENDS[backend]
+    gt_document, results = _documents(ground_truth, predictions, full_masks)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        coco_gt = coco_class()
+        coco_gt.dataset = gt_document
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(results) if results else _empty_results(coco_class, gt_document)
+        evaluation = eval_class(coco_gt, coco_dt, "segm")
+        evaluation.params.iouThrs = IOU_THRESHOLDS.copy()
+        evaluation.params.recThrs = RECALL_THRESHOLDS.copy()
+        evaluation.params.maxDets = list(caps)
+        evaluation.evaluate()
+        evaluation.accumulate()
+    return np.asarray(evaluation.eval["precision"]), np.asarray(evaluation.eval["recall"])
+
+
+def _empty_results(coco_class: type, gt_document: dict):
+    """A results object without any detection (pycocotools' ``loadRes`` cannot take an empty list)."""
+    results = coco_class()
+    results.dataset = {
+        "images": gt_document["images"],
+        "categories": gt_document["categories"],
+        "annotations": [],
+    }
+    results.createIndex()
+    return results
 
 
 def _mean(values: np.ndarray) -> float:
@@ -207,10 +149,9 @@ def evaluate(
     ``metrics`` keys: ``map``, ``map_50``, ``map_75``, ``map_small|medium|large``, ``map_class1..4``,
     ``ap50_class1..4`` and ``mar`` (all at the dense cap); ``map_at_100`` and ``map_50_at_100`` (at most 100
     detections per image and class: the leaderboard's AP50); counts and the cap. ``mar`` has no cap in its name
-    so that experiments with different caps stay comparable in ``dvc metrics diff``. ``backend`` is
-    torchmetrics' COCO backend; "pycocotools" gives the same numbers, slower (``cellseg.bench.metric``).
-    ``full_masks`` feeds torchmetrics through its documented ``update`` with N×H×W masks instead of crop RLEs:
-    same numbers, the benchmark's baseline.
+    so that experiments with different caps stay comparable in ``dvc metrics diff``. ``backend`` is the
+    COCOeval implementation: "faster_coco_eval" or "pycocotools" (same numbers, slower: ``cellseg.bench.metric``).
+    ``full_masks`` encodes each mask from a full ``H×W`` array instead of its crop: same numbers, slower.
     """
     if len(ground_truth) != len(predictions):
         raise ValueError(f"{len(ground_truth)} ground-truth images but {len(predictions)} prediction images")
@@ -223,7 +164,7 @@ def evaluate(
             raise ValueError(f"labels must be class ids 1..{NUM_CLASSES}")
     if max_detections < 1:
         raise ValueError(f"max_detections must be at least 1, got {max_detections}")
-    caps = sorted([1, LEADERBOARD_MAX_DETECTIONS, int(max_detections)])  # torchmetrics wants exactly three
+    caps = sorted([1, LEADERBOARD_MAX_DETECTIONS, int(max_detections)])
     precision, recall = _coco_arrays(ground_truth, predictions, caps, backend, full_masks)
     metrics: dict[str, float | int] = _summaries(
         precision, recall, caps.index(max_detections), caps.index(LEADERBOARD_MAX_DETECTIONS)

@@ -315,9 +315,18 @@ def load_matching_weights(model: nn.Module, path: str | Path) -> tuple[int, list
         raise PretrainedWeightsError(
             f"model.pretrained: {path} is not a file (use none, imagenet, coco or a path)"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, or one holding more than tensors (pickled objects)
+        raise PretrainedWeightsError(
+            f"{path}: cannot read as a weights file ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        ) from err
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
+    if not isinstance(state, dict):
+        raise PretrainedWeightsError(
+            f"{path}: expected a state dict of tensors, found {type(state).__name__}"
+        )
     own = model.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not fitting:

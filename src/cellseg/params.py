@@ -275,6 +275,13 @@ class Params:
     predict: PredictParams
     evaluate: EvaluateParams
 
+    def __post_init__(self) -> None:
+        _check(
+            self.predict.score_threshold >= self.model.box_score_thresh,
+            f"predict.score_threshold ({self.predict.score_threshold}) is below model.box_score_thresh "
+            f"({self.model.box_score_thresh}), which the model applies first: lower model.box_score_thresh too",
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -288,11 +295,18 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         raise ParamsError(f"{path}: not found (run from the project root)") from err
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: invalid YAML ({err})") from err
+    if not isinstance(raw, dict):
+        raise ParamsError(
+            f"{path}: expected a mapping of sections (data, model, train, ...), got {raw!r:.60}"
+        )
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
-        for key in parents:
+        for depth, key in enumerate(parents):
             node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                where = ".".join(parents[: depth + 1])
+                raise ParamsError(f"{path}: cannot set {dotted}: {where} is {node!r}, not a mapping")
         node[leaf] = value
     try:
         return _from_dict(Params, raw, "")
@@ -342,6 +356,8 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
     elif kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value):
+            raise ParamsError(f"{key} must be a finite number, got {value!r}")
     elif kind is str:
         ok = isinstance(value, str)
     else:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from cellseg import NUM_CLASSES
@@ -28,7 +28,7 @@ from cellseg.params import PredictParams
 from cellseg.predict import predict_images
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
-_PIL_MODES = ("L", "RGB", "RGBA", "I;16")  # modes whose arrays to_rgb8 understands as they are
+_PIL_MODES = ("L", "RGB", "RGBA", "I;16", "I;16L", "I;16B", "I", "F")  # read as arrays, not converted
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -48,14 +48,25 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def read_any_image(path: Path) -> np.ndarray:
-    """``uint8 H×W×3`` from a tif (as the dataset's images are read) or from any format Pillow opens."""
+    """``uint8 H×W×3`` from a tif (as the dataset's images are read) or from any format Pillow opens.
+
+    The EXIF orientation is applied (a phone or slide-scanner JPEG shows upright, as in a viewer), and
+    16-bit, 32-bit integer and float images go through :func:`cellseg.io.to_rgb8` (bit-depth scaling, range
+    check) instead of Pillow's ``convert("RGB")``, which clips them to 0..255.
+    """
     if path.suffix.lower() in (".tif", ".tiff"):
         return read_image(path)
     try:
         with Image.open(path) as image:
-            array = np.asarray(image if image.mode in _PIL_MODES else image.convert("RGB"))
+            upright = ImageOps.exif_transpose(image)
+            array = np.asarray(upright if upright.mode in _PIL_MODES else upright.convert("RGB"))
     except OSError as err:
         raise DataFormatError(f"{path}: cannot read as an image ({err})") from err
+    array = array.astype(array.dtype.newbyteorder("="), copy=False)  # I;16B is big-endian
+    if array.dtype.kind == "i":  # mode "I": 32-bit integers, 16-bit data in practice
+        if array.size and (array.min() < 0 or array.max() > np.iinfo(np.uint16).max):
+            raise DataFormatError(f"{path}: integer image values must be within 0..65535")
+        array = array.astype(np.uint16)
     return to_rgb8(array, path)
 
 

@@ -186,7 +186,8 @@ def _train(params: Params, paths: TrainPaths, device: torch.device, info: DistIn
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without AMP: the scaler starts afresh if AMP is on now
+            scaler.load_state_dict(state["scaler"])
         start_epoch, best_score, history = state["epoch"] + 1, state["best_score"], state["history"]
         set_rng_state(state["rng"])
         if info.is_main:

@@ -1,12 +1,14 @@
 """Benchmark: the mask mAP of :func:`cellseg.metrics.evaluate` against torchmetrics' default way.
 
 Dense synthetic scenes (touching Voronoi cells of four classes) with noisy predictions: every ground-truth mask
-shifted by a few pixels, some missed, some relabelled, random scores, plus false-positive discs. Three ways get
+shifted by a few pixels, some missed, some relabelled, random scores, plus false-positive discs. Four ways get
 the same inputs and settings, and the run fails if any figure differs:
 
-- cellseg's: RLEs encoded from the box-local crops go straight into torchmetrics' state, faster-coco-eval backend;
-- torchmetrics' documented ``update`` (full N×H×W masks, encoded inside) on the faster-coco-eval backend;
-- torchmetrics' default: ``update`` on the pycocotools backend (the baseline of the ratios).
+- cellseg's: COCO documents with RLEs encoded from the box-local crops, faster-coco-eval's ``COCOeval_faster``;
+- the same documents on pycocotools' ``COCOeval``;
+- RLEs encoded from full N×H×W masks, ``COCOeval_faster``;
+- torchmetrics' default: ``MeanAveragePrecision(iou_type="segm").update`` with full masks on its pycocotools
+  backend (the baseline of the ratios; the reference's metric).
 
     python -m cellseg.bench.metric [--images 20] [--size 512] [--instances 320] [--max-detections 1000]
 """
@@ -14,14 +16,23 @@ the same inputs and settings, and the run fails if any figure differs:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import time
+from functools import partial
 
 import numpy as np
 from scipy import ndimage
 
 from cellseg import NUM_CLASSES
 from cellseg.instances import Instances
-from cellseg.metrics import evaluate
+from cellseg.metrics import (
+    IOU_THRESHOLDS,
+    LEADERBOARD_MAX_DETECTIONS,
+    RECALL_THRESHOLDS,
+    _summaries,
+    evaluate,
+)
 
 
 def voronoi_ground_truth(rng: np.random.Generator, size: tuple[int, int], n_seeds: int) -> Instances:
@@ -75,6 +86,47 @@ def noisy_predictions(
     )
 
 
+def torchmetrics_default(
+    gts: list[Instances], preds: list[Instances], max_detections: int
+) -> dict[str, float]:
+    """The same figures through torchmetrics' documented API (full masks, pycocotools backend, COCO thresholds).
+
+    Every benchmark image has ground truth and predictions of several classes, so torchmetrics' departures
+    from COCOeval on empty images do not arise; ``macro`` keeps COCO's per-class averaging.
+    """
+    import torch
+    from torchmetrics.detection import MeanAveragePrecision
+
+    caps = sorted([1, LEADERBOARD_MAX_DETECTIONS, max_detections])
+    metric = MeanAveragePrecision(
+        iou_type="segm",
+        backend="pycocotools",
+        max_detection_thresholds=caps,
+        iou_thresholds=IOU_THRESHOLDS.tolist(),
+        rec_thresholds=RECALL_THRESHOLDS.tolist(),
+        average="macro",
+        extended_summary=True,
+    )
+    metric.warn_on_many_detections = False
+
+    def as_input(inst: Instances) -> dict[str, torch.Tensor]:
+        return {
+            "masks": torch.from_numpy(inst.full_masks()),
+            "labels": torch.from_numpy(inst.labels.astype(np.int64)),
+            "scores": torch.from_numpy(inst.scores.astype(np.float32)),
+        }
+
+    for gt, pred in zip(gts, preds, strict=True):
+        metric.update([as_input(pred)], [as_input(gt)])
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = metric.compute()
+    k = result["classes"].numpy().reshape(-1) - 1
+    shape = (len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS), NUM_CLASSES, 4, len(caps))
+    precision, recall = -np.ones(shape), -np.ones(shape[:1] + shape[2:])
+    precision[:, :, k], recall[:, k] = result["precision"].numpy(), result["recall"].numpy()
+    return _summaries(precision, recall, caps.index(max_detections), caps.index(LEADERBOARD_MAX_DETECTIONS))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="mask mAP: cellseg's way vs torchmetrics' default")
     parser.add_argument("--images", type=int, default=20)
@@ -87,21 +139,30 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(0)
     gts = [voronoi_ground_truth(rng, (args.size, args.size), args.instances) for _ in range(args.images)]
     preds = [noisy_predictions(rng, gt) for gt in gts]
-    ways = {  # name: (backend, full_masks)
-        "cellseg (crop RLEs, faster_coco_eval)": ("faster_coco_eval", False),
-        "torchmetrics update, faster_coco_eval": ("faster_coco_eval", True),
-        "torchmetrics default (update, pycocotools)": ("pycocotools", True),
+    ways = {
+        "cellseg (crop RLEs, COCOeval_faster)": partial(evaluate, backend="faster_coco_eval"),
+        "cellseg (crop RLEs, pycocotools COCOeval)": partial(evaluate, backend="pycocotools"),
+        "full-mask RLEs, COCOeval_faster": partial(evaluate, full_masks=True),
+        "torchmetrics default (update, pycocotools)": None,
     }
     times, metrics = {}, {}
-    for name, (backend, full_masks) in ways.items():
-        evaluate(gts[:1], preds[:1], args.max_detections, backend=backend, full_masks=full_masks)  # warm-up
+    for name, way in ways.items():
+
+        def score(g, p, way=way):
+            return (
+                torchmetrics_default(g, p, args.max_detections)
+                if way is None
+                else way(g, p, args.max_detections).metrics
+            )
+
+        score(gts[:1], preds[:1])  # warm-up
         start = time.perf_counter()
-        metrics[name] = evaluate(
-            gts, preds, args.max_detections, backend=backend, full_masks=full_masks
-        ).metrics
+        metrics[name] = score(gts, preds)
         times[name] = time.perf_counter() - start
     ours, baseline = list(ways)[0], list(ways)[-1]
-    differing = sorted({k for m in metrics.values() for k in m if abs(m[k] - metrics[ours][k]) > 1e-9})
+    differing = sorted(
+        {k for m in metrics.values() for k in m if k in metrics[ours] and abs(m[k] - metrics[ours][k]) > 1e-9}
+    )
     n_gt, n_pred = [len(g) for g in gts], [len(p) for p in preds]
     print(
         f"{args.images} images {args.size}x{args.size}, ground truth {min(n_gt)}-{max(n_gt)} per image, "
