@@ -269,7 +269,9 @@ def test_nuclei_metrics_and_worst_overlays_of_a_known_case(crafted, tmp_path: Pa
     files, gt, pred = crafted
     perfect_path = files[0].with_name("sample-0-perfect.npz")  # first by name, but PQ 1
     shutil.copy(files[0], perfect_path)
-    params = tiny_params(predict__label_score_threshold=0.05)  # every crafted prediction enters the label maps
+    params = tiny_params(
+        predict__label_score_threshold=0.05
+    )  # every crafted prediction enters the label maps
     assert params.evaluate.n_overlays == 1
     scored = score_predictions(
         ["sample-0-perfect", "sample-a"], [gt, gt], [gt, pred], params.predict.max_per_image
