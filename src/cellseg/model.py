@@ -326,6 +326,14 @@ def load_matching_weights(model: nn.Module, path: str | Path) -> tuple[int, list
     return len(fitting), sorted(set(state) - set(fitting))
 
 
+def download_pretrained(params: ModelParams) -> None:
+    """Put ``model.pretrained``'s torchvision weights in the cache (under torchrun: rank 0 alone, first)."""
+    if params.pretrained == "coco" and params.arch in _COCO:
+        ensure_downloaded(_COCO[params.arch])
+    if params.pretrained == "imagenet":
+        ensure_downloaded(_IMAGENET[params.arch])
+
+
 def build_model(params: ModelParams, aux: AuxParams) -> CellMaskRCNN:
     """The model described by ``params.yaml``; ``model.pretrained`` selects where initial weights come from."""
     source = params.pretrained
