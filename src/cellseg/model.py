@@ -84,7 +84,7 @@ class CellTransform(GeneralizedRCNNTransform):
         target = dict(target)
         target["boxes"] = resize_boxes(target["boxes"], (h, w), size)
         if "masks" in target:
-            target["masks"] = F.interpolate(target["masks"][:, None].float(), size=size)[:, 0].byte()
+            target["masks"] = F.interpolate(target["masks"][:, None], size=size)[:, 0]  # nearest, uint8
         if "center" in target:
             target["center"] = F.interpolate(
                 target["center"][None, None], size=size, mode="bilinear", align_corners=False

@@ -109,7 +109,10 @@ def cosine_from(optimizer, epochs: int, lr: float, weight_decay: float, epoch: i
     for group in optimizer.param_groups:
         group["initial_lr"] = lr
         group["weight_decay"] = weight_decay
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, last_epoch=epoch - 1)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, last_epoch=epoch - 1)
+    for group in optimizer.param_groups:  # the closed form: later steps continue from a point on the curve
+        group["lr"] = lr * (1 + math.cos(math.pi * epoch / epochs)) / 2
+    return scheduler
 
 
 # ------------------------------------------------------------------------------------------------- the loop
