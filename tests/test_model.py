@@ -166,13 +166,36 @@ def test_local_weights_file_loads_matching_tensors(tmp_path: Path) -> None:
     source = build_model(params.model, params.aux)
     torch.save({"model": source.state_dict(), "epoch": 3}, tmp_path / "ckpt.pt")  # a cellseg checkpoint
     loaded = build_model(_params(**{"model.pretrained": str(tmp_path / "ckpt.pt")}).model, params.aux)
-    for key, value in source.state_dict().items():
-        torch.testing.assert_close(loaded.state_dict()[key], value)
+    own = loaded.state_dict()
+    assert len(own) > 100 and not any(k.endswith("num_batches_tracked") for k in own)  # BN frozen, as below
+    for key, value in own.items():
+        torch.testing.assert_close(value, source.state_dict()[key])
     torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(PretrainedWeightsError, match="other.pt: no tensor fits"):
         build_model(_params(**{"model.pretrained": str(tmp_path / "other.pt")}).model, params.aux)
     with pytest.raises(PretrainedWeightsError, match="missing.pt is not a file"):
         build_model(_params(**{"model.pretrained": str(tmp_path / "missing.pt")}).model, params.aux)
+
+
+def test_a_weights_file_trains_like_the_named_sources(tmp_path: Path, capsys) -> None:
+    """Frozen backbone BatchNorm and ``trainable_layers``, as with imagenet/coco; skipped tensors reported."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    params = _params()
+    state = build_model(params.model, params.aux).state_dict()
+    state["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(3, 3)  # another head's shape
+    torch.save(state, tmp_path / "weights.pt")
+    pretrained = _params(**{"model.pretrained": str(tmp_path / "weights.pt"), "model.trainable_layers": 3})
+    model = build_model(pretrained.model, pretrained.aux)
+    body = model.backbone.body
+    assert isinstance(body.bn1, FrozenBatchNorm2d) and isinstance(body.layer3[0].bn1, FrozenBatchNorm2d)
+    assert not body.conv1.weight.requires_grad and not body.layer1[0].conv1.weight.requires_grad
+    assert body.layer2[0].conv1.weight.requires_grad and body.layer4[0].conv1.weight.requires_grad
+    out = capsys.readouterr().out
+    assert (
+        "1 skipped (name or shape not in maskrcnn_resnet18_fpn_lite): roi_heads.box_predictor.cls_score"
+        in out
+    )
 
 
 def test_offline_download_fails_fast_with_a_clear_message(tmp_path: Path, monkeypatch) -> None:

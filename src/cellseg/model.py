@@ -352,8 +352,40 @@ def build_model(params: ModelParams, aux: AuxParams) -> CellMaskRCNN:
         aspect_ratios=((0.5, 1.0, 2.0),) * len(params.anchor_sizes),
     )
     if source not in ("none", "coco", "imagenet"):
-        load_matching_weights(model, source)
+        like_pretrained(model, params)
+        loaded, skipped = load_matching_weights(model, source)
+        skipped = [k for k in skipped if not k.endswith("num_batches_tracked")]  # frozen BN keeps no count
+        shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        print(
+            f"model.pretrained={source}: {loaded} tensors loaded"
+            + (f"; {len(skipped)} skipped (name or shape not in {params.arch}): {shown}" if skipped else "")
+        )
     return model
+
+
+def like_pretrained(model: CellMaskRCNN, params: ModelParams) -> None:
+    """Give a model about to receive weights from a file what ``coco`` and ``imagenet`` give it: backbone
+    BatchNorm frozen (R50-FPN-v2's builder keeps it trainable, so it stays) and only the last
+    ``trainable_layers`` backbone stages training."""
+    body = model.backbone.body
+    if params.arch != "maskrcnn_resnet50_fpn_v2":
+        _freeze_batchnorm(body)
+    stages = ["layer4", "layer3", "layer2", "layer1", "conv1"][: params.trainable_layers]
+    stages += ["bn1"] if params.trainable_layers == 5 else []
+    for name, parameter in body.named_parameters():
+        parameter.requires_grad_(any(name.startswith(stage) for stage in stages))
+
+
+def _freeze_batchnorm(module: nn.Module) -> None:
+    """Replace every ``BatchNorm2d`` below ``module`` by a ``FrozenBatchNorm2d`` with the same statistics."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(child, key).detach())
+            setattr(module, name, frozen)
+        else:
+            _freeze_batchnorm(child)
 
 
 def count_parameters(model: nn.Module) -> int:

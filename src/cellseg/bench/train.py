@@ -114,7 +114,11 @@ def _rss_kb() -> int:
 
 def run_loop(kind: str, precision: str, prepared: str, overrides: dict, steps: int, conn) -> None:
     """One loop in this (fresh) process: ``(images/s, peak RSS MB, peak CUDA MB)`` sent back."""
+    import sys
+
     from cellseg.train import autocast_dtype
+
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the loop's progress bar would garble the figures
 
     params = load_params(overrides={**overrides, "train.precision": precision})
     device = torch.device(params.train.device if params.train.device != "auto" else "cpu")
@@ -185,7 +189,6 @@ def main(argv: list[str] | None = None) -> None:
         "--precision", nargs="+", default=["fp32"], help="ours at each (CUDA: fp32 fp16 bf16)"
     )
     args = parser.parse_args(argv)
-    os.environ["TQDM_DISABLE"] = "1"  # progress bars would garble the figures (inherited by the loops)
     overrides = {"aux.enabled": False, "train.device": args.device, "train.batch_size": BATCH}
     if args.arch:
         overrides["model.arch"] = args.arch
