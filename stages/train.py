@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from cellseg.cli import run
-from cellseg.distributed import launch_torchrun
+from cellseg.device import select_device
+from cellseg.distributed import check_nproc, launch_torchrun
 from cellseg.params import load_params
 from cellseg.train import TrainPaths, train
 
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params()
     if params.train.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        check_nproc(params.train.nproc, select_device(params.train.device))
         launch_torchrun(params.train.nproc, [__file__, *(sys.argv[1:] if argv is None else argv)])
         return
     train(params, TrainPaths(args.prepared_dir, args.maps_dir, args.models_dir, args.live_dir))

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from cellseg import CellsegError
+from cellseg.params import ParamsError
 
 WAIT_TIMEOUT = timedelta(hours=6)
 """How long ranks wait for rank 0 (a validation pass on a big split, a slow filesystem)."""
@@ -131,6 +132,12 @@ def run_on_main(work: Callable[[], None], info: DistInfo) -> None:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def check_nproc(nproc: int, device: torch.device) -> None:
+    """One process per GPU: more processes than GPUs is a params error, not a CUDA traceback on rank N."""
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise ParamsError(f"train.nproc={nproc}, but this machine has {torch.cuda.device_count()} GPU(s)")
 
 
 def launch_torchrun(nproc: int, script_and_args: list[str]) -> None:

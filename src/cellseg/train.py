@@ -285,8 +285,7 @@ def _train(params: Params, paths: TrainPaths, device: torch.device, info: DistIn
         num_workers=workers,
         collate_fn=collate,
         pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-    )
+    )  # not persistent_workers: the workers' dataset copies must see set_epoch
     net = (
         DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         if info.enabled
