@@ -251,3 +251,23 @@ def test_roi_poolers_know_the_fpn_strides_before_any_batch() -> None:
     labels[0, 5:20, 5:20] = 1
     model([torch.rand(3, 43, 44)], [_target(labels)])
     assert model.roi_heads.mask_roi_pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+
+
+def test_mask_targets_equal_torchvision_s_from_the_matched_masks_only() -> None:
+    from torchvision.models.detection import roi_heads
+
+    from cellseg.mask_targets import _TORCHVISION, project_masks_on_boxes
+
+    assert roi_heads.project_masks_on_boxes is project_masks_on_boxes  # installed for maskrcnn_loss
+    gen = torch.Generator().manual_seed(0)
+    masks = (torch.rand(40, 64, 80, generator=gen) > 0.5).to(torch.uint8)
+    corner = torch.rand(12, 2, generator=gen) * torch.tensor([70.0, 54.0])
+    boxes = torch.cat([corner, corner + 1 + torch.rand(12, 2, generator=gen) * 20], dim=1)
+    for matched in (torch.randint(0, 40, (12,), generator=gen), torch.arange(40)[:12].flip(0)):
+        ours = project_masks_on_boxes(masks, boxes, matched, 28)
+        torch.testing.assert_close(ours, _TORCHVISION(masks, boxes, matched, 28), rtol=0, atol=0)
+    few = masks[:5]  # fewer masks than RoIs: torchvision's way, unchanged
+    matched = torch.randint(0, 5, (12,), generator=gen)
+    torch.testing.assert_close(
+        project_masks_on_boxes(few, boxes, matched, 28), _TORCHVISION(few, boxes, matched, 28)
+    )
