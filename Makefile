@@ -43,6 +43,8 @@ bench: setup
 	$(RUN) python -m cellseg.bench.maps
 	$(RUN) python -m cellseg.bench.metric
 	$(RUN) python -m cellseg.bench.aux
+	$(RUN) python -m cellseg.bench.tiling
+	$(RUN) python -m cellseg.bench.train
 	$(RUN) python -m cellseg.bench.inference models/best.pt
 
 real-cpu: setup

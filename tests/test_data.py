@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from cellseg.data import CellDataset, build_augmentation, collate, instance_targets
+from cellseg.data import CellDataset, build_augmentation, collate, instance_targets, npz_memmaps
 from cellseg.fsutil import save_npz
 from cellseg.io import DataFormatError, save_train_npz
 from cellseg.params import load_params
@@ -160,3 +160,22 @@ def test_ids_near_the_int32_limit_and_rows_without_background() -> None:
     target = instance_targets(labels)
     assert target["labels"].tolist() == [1, 1, 2, 2]
     assert sorted(int(m.sum()) for m in target["masks"]) == [4, 9, 9, 396]
+
+
+def test_samples_are_read_through_memory_maps(tmp_path: Path) -> None:
+    arrays = {
+        "image": np.arange(40 * 50 * 3, dtype=np.uint8).reshape(40, 50, 3),
+        "labels": np.arange(4 * 40 * 50, dtype=np.int32).reshape(4, 40, 50),
+        "fortran": np.asfortranarray(np.arange(35, dtype=np.float32).reshape(5, 7)),
+    }
+    np.savez(tmp_path / "stored.npz", **arrays)  # how the prepare and maps stages write
+    mapped = npz_memmaps(tmp_path / "stored.npz")
+    assert set(mapped) == set(arrays)
+    for key, value in arrays.items():
+        assert isinstance(mapped[key], np.memmap) and np.array_equal(mapped[key], value), key
+    np.savez_compressed(tmp_path / "compressed.npz", **arrays)
+    loaded = npz_memmaps(tmp_path / "compressed.npz")
+    assert not isinstance(loaded["labels"], np.memmap) and np.array_equal(loaded["labels"], arrays["labels"])
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataFormatError, match="broken.npz: cannot read as npz"):
+        npz_memmaps(tmp_path / "broken.npz")

@@ -172,7 +172,7 @@ def _assert_every_trainable_parameter_has_a_finite_gradient(model: torch.nn.Modu
 
 
 def test_mixed_precision_forward_and_backward_with_the_heads() -> None:
-    """bfloat16 autocast on the CPU (what train.amp does on CUDA with float16), heads on: finite losses, every
+    """bfloat16 autocast on the CPU (what train.precision=bf16 does on a GPU), heads on: finite losses, every
     trainable parameter gets a finite gradient, and detection runs under autocast too."""
     torch.manual_seed(0)
     model = build_model(*_model_aux(_params()))
@@ -197,8 +197,10 @@ def test_local_weights_file_loads_matching_tensors(tmp_path: Path) -> None:
     source = build_model(params.model, params.aux)
     torch.save({"model": source.state_dict(), "epoch": 3}, tmp_path / "ckpt.pt")  # a cellseg checkpoint
     loaded = build_model(_params(**{"model.pretrained": str(tmp_path / "ckpt.pt")}).model, params.aux)
-    for key, value in source.state_dict().items():
-        torch.testing.assert_close(loaded.state_dict()[key], value)
+    own = loaded.state_dict()
+    assert len(own) > 100 and not any(k.endswith("num_batches_tracked") for k in own)  # BN frozen, as below
+    for key, value in own.items():
+        torch.testing.assert_close(value, source.state_dict()[key])
     torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(PretrainedWeightsError, match="other.pt: no tensor fits"):
         build_model(_params(**{"model.pretrained": str(tmp_path / "other.pt")}).model, params.aux)
@@ -212,6 +214,27 @@ def test_local_weights_file_loads_matching_tensors(tmp_path: Path) -> None:
         PretrainedWeightsError, match=r"list\.pt: expected a state dict of tensors, found list"
     ):
         build_model(_params(**{"model.pretrained": str(tmp_path / "list.pt")}).model, params.aux)
+
+
+def test_a_weights_file_trains_like_the_named_sources(tmp_path: Path, capsys) -> None:
+    """Frozen backbone BatchNorm and ``trainable_layers``, as with imagenet/coco; skipped tensors reported."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    params = _params()
+    state = build_model(params.model, params.aux).state_dict()
+    state["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(3, 3)  # another head's shape
+    torch.save(state, tmp_path / "weights.pt")
+    pretrained = _params(**{"model.pretrained": str(tmp_path / "weights.pt"), "model.trainable_layers": 3})
+    model = build_model(pretrained.model, pretrained.aux)
+    body = model.backbone.body
+    assert isinstance(body.bn1, FrozenBatchNorm2d) and isinstance(body.layer3[0].bn1, FrozenBatchNorm2d)
+    assert not body.conv1.weight.requires_grad and not body.layer1[0].conv1.weight.requires_grad
+    assert body.layer2[0].conv1.weight.requires_grad and body.layer4[0].conv1.weight.requires_grad
+    out = capsys.readouterr().out
+    assert (
+        "1 skipped (name or shape not in maskrcnn_resnet18_fpn_lite): roi_heads.box_predictor.cls_score"
+        in out
+    )
 
 
 def test_offline_download_fails_fast_with_a_clear_message(tmp_path: Path, monkeypatch) -> None:
@@ -267,3 +290,23 @@ def test_roi_poolers_know_the_fpn_strides_before_any_batch() -> None:
     labels[0, 5:20, 5:20] = 1
     model([torch.rand(3, 43, 44)], [_target(labels)])
     assert model.roi_heads.mask_roi_pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+
+
+def test_mask_targets_equal_torchvision_s_from_the_matched_masks_only() -> None:
+    from torchvision.models.detection import roi_heads
+
+    from cellseg.mask_targets import _TORCHVISION, project_masks_on_boxes
+
+    assert roi_heads.project_masks_on_boxes is project_masks_on_boxes  # installed for maskrcnn_loss
+    gen = torch.Generator().manual_seed(0)
+    masks = (torch.rand(40, 64, 80, generator=gen) > 0.5).to(torch.uint8)
+    corner = torch.rand(12, 2, generator=gen) * torch.tensor([70.0, 54.0])
+    boxes = torch.cat([corner, corner + 1 + torch.rand(12, 2, generator=gen) * 20], dim=1)
+    for matched in (torch.randint(0, 40, (12,), generator=gen), torch.arange(40)[:12].flip(0)):
+        ours = project_masks_on_boxes(masks, boxes, matched, 28)
+        torch.testing.assert_close(ours, _TORCHVISION(masks, boxes, matched, 28), rtol=0, atol=0)
+    few = masks[:5]  # fewer masks than RoIs: torchvision's way, unchanged
+    matched = torch.randint(0, 5, (12,), generator=gen)
+    torch.testing.assert_close(
+        project_masks_on_boxes(few, boxes, matched, 28), _TORCHVISION(few, boxes, matched, 28)
+    )

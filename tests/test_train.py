@@ -92,7 +92,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(
 def test_resume_across_precision_settings(
     tiny_project: dict, tmp_path: Path, monkeypatch, first: bool, then: bool
 ) -> None:
-    """A run resumed with train.amp switched (a checkpoint from a CPU run continued on a GPU, or back) goes on.
+    """A run resumed with mixed precision switched (a checkpoint from a CPU run continued on a GPU, or back) goes on.
 
     On the CPU, AMP is forced here the way CUDA gets it: an enabled GradScaler, hence bfloat16 autocast."""
     real_scaler = torch.amp.GradScaler
@@ -153,15 +153,13 @@ def test_inputs_are_checked_before_training(tiny_project: dict, tmp_path: Path) 
 
 @pytest.mark.slow
 def test_distributed_training_with_two_cpu_processes(tiny_project: dict, tmp_path: Path) -> None:
-    """torchrun, 2 processes, gloo: the same stage script trains with DDP and only rank 0 writes."""
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(train__epochs=2).to_dict()))
+    """train.nproc=2: the stage script launches torchrun itself (gloo on CPU), trains with DDP, only rank 0
+    writes, and the checkpoint holds both ranks' random states."""
+    params = tiny_params(train__epochs=2, train__nproc=2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.to_dict()))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
         str(ROOT / "stages" / "train.py"),
         str(tiny_project["prepared"]),
         str(tiny_project["maps"]),
@@ -174,6 +172,8 @@ def test_distributed_training_with_two_cpu_processes(tiny_project: dict, tmp_pat
     assert run.stdout.count("epoch 2 |") == 1  # one writer
     state = load_checkpoint(tmp_path / "models" / LAST)
     assert state["epoch"] == 1 and len(state["history"]) == 2
+    assert len(state["rng"]) == 2  # one random state per rank
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
     assert not any(
         k.startswith("module.") for k in state["model"]
     )  # the bare model is saved, not the DDP wrapper

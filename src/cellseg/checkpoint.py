@@ -1,8 +1,13 @@
 """Checkpoints: what a training run saves, how it resumes, and how inference gets a trained model back.
 
 A checkpoint holds model, optimizer, scheduler and AMP-scaler states, the epoch, the params it was trained with,
-the best score so far, the per-epoch history and every random generator's state, so a resumed run continues
+the best score so far, the per-epoch history and every rank's random generator state, so a resumed run continues
 exactly where the interrupted one stopped (a test checks bit-identical weights on CPU).
+
+Resuming with changed params (:func:`resume_changes`): a change to what the weights *are* (architecture,
+trainable stages, anchors, aux heads) is an error that says so; ``train.lr``, ``train.weight_decay`` and
+``train.epochs`` apply from the resumed epoch on, the cosine schedule following the new values; every other
+change applies as it is, and each one is printed.
 """
 
 from __future__ import annotations
@@ -31,8 +36,12 @@ def save_checkpoint(
     params: Params,
     best_score: float,
     history: list[dict],
+    rng: list[dict] | None = None,
 ) -> None:
-    """Everything needed to resume or to rebuild the model, written atomically."""
+    """Everything needed to resume or to rebuild the model, written atomically.
+
+    ``rng``: every rank's :func:`rng_state`, in rank order (this process's alone when not given).
+    """
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -42,25 +51,87 @@ def save_checkpoint(
         "params": params.to_dict(),
         "best_score": best_score,
         "history": history,
-        "rng": rng_state(),
+        "rng": rng if rng is not None else [rng_state()],
     }
     with atomic_file(path) as tmp:
         torch.save(state, tmp)
 
 
 def rng_state() -> dict:
-    """Every random generator the loop draws from (RPN/RoI sampling use torch's), for an exact resume."""
+    """This process's random generators (RPN/RoI sampling use torch's), its own GPU's only, for an exact resume."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(saved: list[dict] | dict, rank: int, seed: int) -> str | None:
+    """Give this rank its own saved generators; returns a note when they cannot be restored exactly.
+
+    A checkpoint from a run with fewer ranks has no state for the extra ones: they start a fresh stream seeded
+    by ``(seed, rank)``. Checkpoints from before per-rank states held rank 0's alone, as a dict.
+    """
+    states = [saved] if isinstance(saved, dict) else list(saved)
+    if rank >= len(states):
+        random.seed(seed + rank)
+        torch.manual_seed(seed + rank)
+        return (
+            f"the checkpoint has random states for {len(states)} rank(s); rank {rank} starts a fresh stream"
+        )
+    state = states[rank]
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda_device" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_device"])
+    return None
+
+
+def restore_scaler(scaler, saved: dict) -> str | None:
+    """Load a GradScaler's state; a run saved without fp16 scaling (empty state) resumes with a fresh scaler."""
+    if not scaler.is_enabled():
+        return None if not saved else "the checkpoint's fp16 loss scale is not needed at this precision"
+    if not saved:
+        return "the checkpoint was trained without fp16 loss scaling: starting with a fresh scale"
+    scaler.load_state_dict(saved)
+    return None
+
+
+class ResumeError(CellsegError, ValueError):
+    """The checkpoint cannot be resumed with today's params."""
+
+
+WEIGHT_DEFINING = {
+    "model": ("arch", "trainable_layers", "anchor_sizes"),
+    "aux": ("enabled", "hidden_channels"),
+}
+"""Params that change what the weights or the optimised parameters are: resuming across them is an error."""
+
+SCHEDULE = ("lr", "weight_decay", "epochs")
+"""``train`` params that re-shape the optimisation from the resumed epoch on."""
+
+
+def resume_changes(saved: dict, params: Params, path: Path) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """Compare a checkpoint's params with today's: ``(schedule changes, other changes)``, each
+    ``{"section.key": (old, new)}``. Raises :class:`ResumeError` for a weight-defining change."""
+    today = params.to_dict()
+    changed = {
+        f"{section}.{key}": (saved[section][key], value)
+        for section, values in today.items()
+        if isinstance(saved.get(section), dict)
+        for key, value in values.items()
+        if key in saved[section] and saved[section][key] != value
+    }
+    fatal = [k for k in changed if k.split(".")[1] in WEIGHT_DEFINING.get(k.split(".")[0], ())]
+    if fatal:
+        parts = ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in fatal)
+        raise ResumeError(
+            f"{path}: cannot resume: {parts} since the checkpoint was saved. Restore the old value(s), or "
+            "set train.resume=false to start a new run."
+        )
+    schedule = {k: v for k, v in changed.items() if k in {f"train.{s}" for s in SCHEDULE}}
+    other = {k: v for k, v in changed.items() if k not in schedule and k != "train.resume"}
+    other.pop("model.pretrained", None)  # resumed weights come from the checkpoint
+    return schedule, other
 
 
 def load_checkpoint(path: Path) -> dict:

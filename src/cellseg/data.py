@@ -4,10 +4,15 @@ The image, the label rows (instance ids) and both auxiliary maps go through one 
 every geometric change is applied identically to all of them. The label rows are warped with nearest-neighbour
 sampling, which is exactly what warping each instance's binary mask would give, at the cost of one image
 instead of one per instance; instance masks are split out afterwards, inside the (cropped) window only.
+
+Samples are read through memory maps of the (uncompressed) prepared npz files, so a 256-px crop of a
+2500-px image reads the crop's pages, not the whole image, label rows and maps.
 """
 
 from __future__ import annotations
 
+import struct
+import zipfile
 from pathlib import Path
 
 import albumentations as A
@@ -18,6 +23,40 @@ from torch.utils.data import Dataset
 from cellseg.instances import Instances
 from cellseg.io import DataFormatError, load_npz
 from cellseg.params import AugmentParams
+
+
+def npz_memmaps(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` as read-only memory maps (members stored uncompressed, as the prepare and
+    maps stages write them); an archive with a compressed member is read whole instead."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+        if any(m.compress_type != zipfile.ZIP_STORED for m in members):
+            return load_npz(path)
+        arrays = {}
+        with open(path, "rb") as file:
+            for member in members:
+                file.seek(member.header_offset + 26)  # the local header's name and extra-field lengths
+                name_len, extra_len = struct.unpack("<HH", file.read(4))
+                file.seek(member.header_offset + 30 + name_len + extra_len)
+                version = np.lib.format.read_magic(file)
+                read_header = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                shape, fortran, dtype = read_header(file)
+                if dtype.hasobject:
+                    return load_npz(path)
+                arrays[member.filename.removesuffix(".npy")] = np.memmap(
+                    path, dtype, "r", offset=file.tell(), shape=shape, order="F" if fortran else "C"
+                )
+        return arrays
+    except FileNotFoundError as err:
+        raise DataFormatError(f"{path}: file not found") from err
+    except (zipfile.BadZipFile, ValueError, struct.error) as err:
+        raise DataFormatError(f"{path}: cannot read as npz ({type(err).__name__}: {err})") from err
 
 
 def build_augmentation(params: AugmentParams) -> A.Compose | None:
@@ -110,14 +149,14 @@ class CellDataset(Dataset):
     def load(self, index: int) -> dict[str, np.ndarray]:
         """The raw arrays of one sample: ``image``, ``labels`` and, with maps, ``center`` and ``boundary``."""
         path = self.files[index]
-        arrays = load_npz(path)
+        arrays = npz_memmaps(path)
         for key in ("image", "labels"):
             if key not in arrays:
                 raise DataFormatError(f"{path}: no '{key}' array (was it written by the prepare stage?)")
         sample = {"image": arrays["image"], "labels": arrays["labels"]}
         if self.maps_dir is not None:
             maps_path = self.maps_dir / path.name
-            maps = load_npz(maps_path)
+            maps = npz_memmaps(maps_path)
             for key in ("center", "boundary"):
                 if key not in maps or maps[key].shape != sample["image"].shape[:2]:
                     raise DataFormatError(
@@ -134,6 +173,7 @@ class CellDataset(Dataset):
             sample = {
                 k: v[..., window[0], window[1]] if k == "labels" else v[window] for k, v in sample.items()
             }
+        sample = {k: np.array(v) for k, v in sample.items()}  # read the (cropped) pages; no map kept
         if self.augment is not None:
             sample = self._augment(sample, int(rng.integers(2**31)))
         image = torch.from_numpy(np.ascontiguousarray(sample["image"].transpose(2, 0, 1))).float().div_(255.0)

@@ -39,8 +39,10 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.ops.poolers import initLevelMapper
 
-from cellseg import NUM_CLASSES, CellsegError
+from cellseg import NUM_CLASSES, CellsegError, mask_targets
 from cellseg.params import AuxParams, ModelParams
+
+mask_targets.install()  # mask targets from the matched masks only (same values, a fraction of the memory)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -84,7 +86,7 @@ class CellTransform(GeneralizedRCNNTransform):
         target = dict(target)
         target["boxes"] = resize_boxes(target["boxes"], (h, w), size)
         if "masks" in target:
-            target["masks"] = F.interpolate(target["masks"][:, None].float(), size=size)[:, 0].byte()
+            target["masks"] = F.interpolate(target["masks"][:, None], size=size)[:, 0]  # nearest, uint8
         if "center" in target:
             target["center"] = F.interpolate(
                 target["center"][None, None], size=size, mode="bilinear", align_corners=False
@@ -335,6 +337,14 @@ def load_matching_weights(model: nn.Module, path: str | Path) -> tuple[int, list
     return len(fitting), sorted(set(state) - set(fitting))
 
 
+def download_pretrained(params: ModelParams) -> None:
+    """Put ``model.pretrained``'s torchvision weights in the cache (under torchrun: rank 0 alone, first)."""
+    if params.pretrained == "coco" and params.arch in _COCO:
+        ensure_downloaded(_COCO[params.arch])
+    if params.pretrained == "imagenet":
+        ensure_downloaded(_IMAGENET[params.arch])
+
+
 def build_model(params: ModelParams, aux: AuxParams) -> CellMaskRCNN:
     """The model described by ``params.yaml``; ``model.pretrained`` selects where initial weights come from."""
     source = params.pretrained
@@ -353,8 +363,40 @@ def build_model(params: ModelParams, aux: AuxParams) -> CellMaskRCNN:
         aspect_ratios=((0.5, 1.0, 2.0),) * len(params.anchor_sizes),
     )
     if source not in ("none", "coco", "imagenet"):
-        load_matching_weights(model, source)
+        like_pretrained(model, params)
+        loaded, skipped = load_matching_weights(model, source)
+        skipped = [k for k in skipped if not k.endswith("num_batches_tracked")]  # frozen BN keeps no count
+        shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        print(
+            f"model.pretrained={source}: {loaded} tensors loaded"
+            + (f"; {len(skipped)} skipped (name or shape not in {params.arch}): {shown}" if skipped else "")
+        )
     return model
+
+
+def like_pretrained(model: CellMaskRCNN, params: ModelParams) -> None:
+    """Give a model about to receive weights from a file what ``coco`` and ``imagenet`` give it: backbone
+    BatchNorm frozen (R50-FPN-v2's builder keeps it trainable, so it stays) and only the last
+    ``trainable_layers`` backbone stages training."""
+    body = model.backbone.body
+    if params.arch != "maskrcnn_resnet50_fpn_v2":
+        _freeze_batchnorm(body)
+    stages = ["layer4", "layer3", "layer2", "layer1", "conv1"][: params.trainable_layers]
+    stages += ["bn1"] if params.trainable_layers == 5 else []
+    for name, parameter in body.named_parameters():
+        parameter.requires_grad_(any(name.startswith(stage) for stage in stages))
+
+
+def _freeze_batchnorm(module: nn.Module) -> None:
+    """Replace every ``BatchNorm2d`` below ``module`` by a ``FrozenBatchNorm2d`` with the same statistics."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(child, key).detach())
+            setattr(module, name, frozen)
+        else:
+            _freeze_batchnorm(child)
 
 
 def count_parameters(model: nn.Module) -> int:

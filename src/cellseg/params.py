@@ -22,6 +22,7 @@ import yaml
 from cellseg import CellsegError
 
 STAIN_METHODS = ("random_preset", "macenko", "vahadane")
+PRECISIONS = ("fp32", "fp16", "bf16")
 ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn_lite")
 
 
@@ -182,7 +183,9 @@ class TrainParams:
     workers: int
     seed: int
     device: str
-    amp: bool
+    precision: str
+    nproc: int
+    sync_bn: bool
     eval_every: int
     train_eval_images: int
     resume: bool
@@ -195,8 +198,13 @@ class TrainParams:
         _check(self.lr > 0, "train.lr must be > 0")
         _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
         _check(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
-        _check(self.workers >= 0, "train.workers must be >= 0")
+        _check(self.workers >= -1, "train.workers must be >= 0, or -1 for a choice per device")
         _check(self.device in ("auto", "cpu", "cuda", "mps"), "train.device must be auto, cpu, cuda or mps")
+        _check(
+            self.precision in PRECISIONS,
+            f"train.precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}",
+        )
+        _check(self.nproc >= 1, "train.nproc must be >= 1")
         _check(self.eval_every >= 1, "train.eval_every must be >= 1")
         _check(self.train_eval_images >= 0, "train.train_eval_images must be >= 0")
         _check(

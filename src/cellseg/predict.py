@@ -6,11 +6,11 @@ stages and ``stages/predict.py``, so every figure comes from the same prediction
 - **Box-local paste.** torchvision pastes each 28×28 mask into a full-size image (N×H×W floats: 1.2 GB for
   300 cells in a 1000×1000 image). Here each mask is resized inside its own (expanded) box, with exactly
   torchvision's geometry (``expand_masks``/``expand_boxes``, bilinear), thresholded and kept as a crop.
-- **Tiling.** Images larger than ``tile_size`` are cut into tiles overlapping by ``tile_overlap``. A detection
-  cut by an inner tile edge is dropped, because the neighbouring tile sees that cell whole (when the overlap
-  exceeds the cell's size); a cell seen whole by two tiles is kept once (the higher score wins at box IoU > 0.5
-  between detections of different tiles). No cell is lost or doubled at a seam.
-- **Speed.** ``CellMaskRCNN.detect`` runs under ``torch.inference_mode``; equal-sized images and tiles share a
+- **Tiling.** Images larger than ``tile_size`` are cut into tiles overlapping by ``tile_overlap``; ``cellseg.tiling``
+  merges their detections (cut cells dropped where another tile sees them whole, joined where none does;
+  duplicates removed within the overlap bands). No cell is lost or doubled at a seam.
+- **Speed.** ``CellMaskRCNN.detect`` runs under ``torch.inference_mode`` (and fp16 autocast on CUDA);
+  equal-sized images and tiles share a
   forward pass (:func:`predict_images`); :func:`for_inference` gives CPU models channels-last weights.
 """
 
@@ -22,15 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
-from torchvision.ops import box_iou
 
 from cellseg.instances import Instances
 from cellseg.model import CellMaskRCNN
 from cellseg.params import PredictParams
+from cellseg.tiling import merge_tiles, tile_windows
+from cellseg.tiling import tile_starts as tile_starts  # re-exported: it lived here before
 from cellseg.tta import detect_with_flips
-
-SEAM_MARGIN = 2
-"""A detection whose box comes within this many pixels of an inner tile edge counts as cut by it."""
 
 
 def paste_masks(
@@ -71,15 +69,6 @@ def detections_to_instances(
     return inst.select(np.array([c.any() for c in inst.crops], bool))
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of size ``tile`` covering ``length`` with at least ``overlap`` shared pixels."""
-    if length <= tile:
-        return [0]
-    stride = tile - overlap
-    starts = list(range(0, length - tile, stride))
-    return [*starts, length - tile]
-
-
 def _image_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).to(device).float().div_(255.0)
 
@@ -91,60 +80,14 @@ def _detect(
     out: list[Instances] = []
     for start in range(0, len(images), params.batch_size):
         chunk = images[start : start + params.batch_size]
-        dets = detect_with_flips(model, [_image_tensor(im, device) for im in chunk], params.tta_views)
+        tensors = [_image_tensor(im, device) for im in chunk]
+        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            dets = detect_with_flips(model, tensors, params.tta_views)  # fp16 convolutions on a GPU
         out += [
             detections_to_instances(d, im.shape[0], im.shape[1], params.mask_threshold)
             for d, im in zip(dets, chunk, strict=True)
         ]
     return out
-
-
-def _drop_cut_by_inner_edges(
-    inst: Instances, y0: int, x0: int, tile_h: int, tile_w: int, height: int, width: int
-) -> Instances:
-    """Keep detections not touching a tile edge that lies inside the image (their neighbour sees them whole)."""
-    boxes = inst.boxes_xyxy()
-    keep = np.ones(len(inst), bool)
-    if x0 > 0:
-        keep &= boxes[:, 0] >= SEAM_MARGIN
-    if y0 > 0:
-        keep &= boxes[:, 1] >= SEAM_MARGIN
-    if x0 + tile_w < width:
-        keep &= boxes[:, 2] <= tile_w - SEAM_MARGIN
-    if y0 + tile_h < height:
-        keep &= boxes[:, 3] <= tile_h - SEAM_MARGIN
-    return inst.select(keep)
-
-
-def merge_tiles(parts: list[tuple[Instances, int, int]], height: int, width: int) -> Instances:
-    """Shift each tile's instances to image coordinates and drop cross-tile duplicates (box IoU > 0.5)."""
-    tile_ids, labels, scores, offsets, crops = [], [], [], [], []
-    for t, (inst, y0, x0) in enumerate(parts):
-        tile_ids += [t] * len(inst)
-        labels.append(inst.labels)
-        scores.append(inst.scores)
-        offsets.append(inst.offsets + np.array([y0, x0]))
-        crops += inst.crops
-    merged = Instances(
-        height,
-        width,
-        np.concatenate(labels),
-        np.concatenate(scores),
-        np.concatenate(offsets).reshape(-1, 2),
-        crops,
-    )
-    if len(merged) < 2:
-        return merged
-    tiles = np.asarray(tile_ids)
-    boxes = torch.from_numpy(merged.boxes_xyxy())
-    iou = box_iou(boxes, boxes).numpy()
-    duplicate = (iou > 0.5) & (tiles[:, None] != tiles[None, :])
-    order = np.argsort(-merged.scores, kind="stable")
-    removed = np.zeros(len(merged), bool)
-    for i in order:
-        if not removed[i]:
-            removed |= duplicate[i]  # never itself: the diagonal pairs a tile with itself
-    return merged.select(~removed)
 
 
 def resolve_overlaps(inst: Instances) -> Instances:
@@ -192,18 +135,10 @@ def predict_image(
         (inst,) = _detect(model, [image], device, params)
         return postprocess(inst, params)
     height, width = image.shape[:2]
-    windows = [
-        (y0, x0)
-        for y0 in tile_starts(height, params.tile_size, params.tile_overlap)
-        for x0 in tile_starts(width, params.tile_size, params.tile_overlap)
-    ]
-    tiles = [image[y0 : y0 + params.tile_size, x0 : x0 + params.tile_size] for y0, x0 in windows]
+    windows = tile_windows(height, width, params.tile_size, params.tile_overlap)
+    tiles = [image[w.y0 : w.y0 + w.height, w.x0 : w.x0 + w.width] for w in windows]
     found = _detect(model, tiles, device, params)
-    parts = [
-        (_drop_cut_by_inner_edges(inst, y0, x0, tile.shape[0], tile.shape[1], height, width), y0, x0)
-        for inst, tile, (y0, x0) in zip(found, tiles, windows, strict=True)
-    ]
-    return postprocess(merge_tiles(parts, height, width), params)
+    return postprocess(merge_tiles(found, windows, height, width), params)
 
 
 def predict_images(

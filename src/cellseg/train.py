@@ -8,6 +8,7 @@ optimizer, scheduler, scaler, epoch and params, and a hard stop on a non-finite 
 from __future__ import annotations
 
 import math
+import os
 import random
 import tempfile
 from dataclasses import dataclass
@@ -19,12 +20,27 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from cellseg import CellsegError
-from cellseg.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from cellseg.checkpoint import (
+    load_checkpoint,
+    restore_scaler,
+    resume_changes,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from cellseg.data import CellDataset, build_augmentation, collate
 from cellseg.device import select_device
-from cellseg.distributed import DistInfo, barrier, cleanup, init_distributed, mean_across_ranks
+from cellseg.distributed import (
+    DistInfo,
+    barrier,
+    cleanup,
+    gather_objects,
+    init_distributed,
+    run_on_main,
+    sum_across_ranks,
+)
 from cellseg.fsutil import write_json
-from cellseg.model import CellMaskRCNN, build_model, count_parameters
+from cellseg.model import CellMaskRCNN, build_model, count_parameters, download_pretrained
 from cellseg.params import Params, ParamsError
 from cellseg.sampling import RepeatFactorSampler, classes_present, repeat_factors
 from cellseg.scoring import nuclei_scores, score_files
@@ -70,6 +86,36 @@ def check_inputs(params: Params, paths: TrainPaths) -> None:
             raise ParamsError(f"{folder}: output directory is not writable ({err.strerror})") from err
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.precision`` on ``device``; ``None`` (fp32) off CUDA."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
+def resolve_workers(workers: int, device: torch.device) -> int:
+    """``train.workers``, where -1 means: none on CPU (the cores are busy training), on CUDA up to 6 per
+    process, leaving one core to each training process."""
+    if workers >= 0:
+        return workers
+    if device.type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_process = cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(6, per_process - 1))
+
+
+def cosine_from(optimizer, epochs: int, lr: float, weight_decay: float, epoch: int):
+    """A cosine schedule over ``epochs`` for ``lr``, placed at ``epoch`` (for a resume with changed values)."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr
+        group["weight_decay"] = weight_decay
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, last_epoch=epoch - 1)
+    for group in optimizer.param_groups:  # the closed form: later steps continue from a point on the curve
+        group["lr"] = lr * (1 + math.cos(math.pi * epoch / epochs)) / 2
+    return scheduler
+
+
 # ------------------------------------------------------------------------------------------------- the loop
 def train_one_epoch(
     model,
@@ -81,12 +127,16 @@ def train_one_epoch(
     params: Params,
     info: DistInfo,
 ) -> dict[str, float]:
-    """One pass over the loader; returns the mean of every loss component and of the weighted total."""
+    """One pass over the loader; returns the mean of every loss component and of the weighted total.
+
+    Each step's losses are reduced over ranks before the backward pass and read back in one host sync, so a
+    non-finite loss on any rank stops every rank at the same step (none is left waiting in an all-reduce).
+    """
     core: CellMaskRCNN = model.module if isinstance(model, DistributedDataParallel) else model
     model.train()
     sums: dict[str, float] = {}
     steps = 0
-    use_amp = scaler.is_enabled()
+    dtype = autocast_dtype(params.train.precision, device)
     bar = tqdm(
         loader,
         desc=f"epoch {epoch + 1}/{params.train.epochs}",
@@ -97,13 +147,16 @@ def train_one_epoch(
     for step, (images, targets) in enumerate(bar):
         images = [img.to(device, non_blocking=True) for img in images]
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-        with torch.autocast(device.type, enabled=use_amp):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             losses = model(images, targets)
             total = core.total_loss(losses)
-        if not math.isfinite(total.item()):
-            parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+        names = ["loss", *losses]
+        values = torch.stack([total.detach().float(), *(v.detach().float() for v in losses.values())])
+        means = [v / info.world_size for v in sum_across_ranks(values, info).tolist()]  # the one host sync
+        if not all(math.isfinite(v) for v in means):
+            parts = ", ".join(f"{k}={v:.4g}" for k, v in zip(names[1:], means[1:], strict=True))
             raise NonFiniteLossError(
-                f"epoch {epoch + 1}, step {step + 1}: loss is {total.item()} ({parts}). Training stopped; the "
+                f"epoch {epoch + 1}, step {step + 1}: loss is {means[0]} ({parts}). Training stopped; the "
                 f"last good checkpoint is kept. Try a lower train.lr or a train.grad_clip > 0."
             )
         optimizer.zero_grad(set_to_none=True)
@@ -114,10 +167,10 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         steps += 1
-        for key, value in {"loss": total, **losses}.items():
-            sums[key] = sums.get(key, 0.0) + float(value.detach())
+        for key, value in zip(names, means, strict=True):
+            sums[key] = sums.get(key, 0.0) + value
         bar.set_postfix(loss=f"{sums['loss'] / steps:.3f}")
-    return mean_across_ranks({k: v / max(steps, 1) for k, v in sums.items()}, info)
+    return {k: v / max(steps, 1) for k, v in sums.items()}
 
 
 def _is_eval_epoch(epoch: int, params: Params) -> bool:
@@ -169,7 +222,10 @@ def train(params: Params, paths: TrainPaths) -> dict:
 def _train(params: Params, paths: TrainPaths, device: torch.device, info: DistInfo) -> dict:
     tp = params.train
     seed_everything(tp.seed + info.rank)
+    run_on_main(lambda: download_pretrained(params.model), info)  # one download, not one per rank
     model = build_model(params.model, params.aux).to(device)
+    if tp.sync_bn and info.enabled and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # fused: one kernel over all parameters (about 3x faster than the per-tensor loop on a CPU).
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -178,20 +234,42 @@ def _train(params: Params, paths: TrainPaths, device: torch.device, info: DistIn
         fused=device.type in ("cpu", "cuda"),
     )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tp.epochs)
-    scaler = torch.amp.GradScaler(device.type, enabled=tp.amp and device.type == "cuda")
+    dtype = autocast_dtype(tp.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_epoch, best_score, history = 0, -math.inf, []
     last_path, best_path = paths.models / LAST, paths.models / BEST
     if tp.resume and last_path.exists():
         state = load_checkpoint(last_path)
+        schedule_changes, other_changes = resume_changes(state["params"], params, last_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:  # empty when saved without AMP: the scaler starts afresh if AMP is on now
-            scaler.load_state_dict(state["scaler"])
         start_epoch, best_score, history = state["epoch"] + 1, state["best_score"], state["history"]
-        set_rng_state(state["rng"])
+        if schedule_changes:
+            scheduler = cosine_from(optimizer, tp.epochs, tp.lr, tp.weight_decay, start_epoch)
+        else:
+            scheduler.load_state_dict(state["scheduler"])
+        notes = [restore_scaler(scaler, state["scaler"])]
+        rank_note = set_rng_state(state["rng"], info.rank, tp.seed)
+        if rank_note:
+            print(
+                f"rank {info.rank}: {rank_note} (the run is no longer bit-identical to an uninterrupted one)"
+            )
         if info.is_main:
             print(f"resuming from {last_path} after epoch {start_epoch}")
+            lr_now = optimizer.param_groups[0]["lr"]
+            for key, (old, new) in schedule_changes.items():
+                print(
+                    f"resume: {key} {old} -> {new}: from epoch {start_epoch + 1} the cosine schedule follows "
+                    f"train.lr={tp.lr}, train.epochs={tp.epochs} (lr now {lr_now:.3g})"
+                )
+            for key, (old, new) in other_changes.items():
+                print(f"resume: {key} {old!r} -> {new!r}: applies from epoch {start_epoch + 1}")
+            for note in filter(None, notes):
+                print(f"resume: {note}")
+            if start_epoch >= tp.epochs:
+                print(
+                    f"resume: already trained {start_epoch} epochs (train.epochs={tp.epochs}): nothing to do"
+                )
     else:
         if tp.resume and info.is_main:
             print(f"train.resume: no {last_path} yet, starting from scratch")
@@ -206,6 +284,7 @@ def _train(params: Params, paths: TrainPaths, device: torch.device, info: DistIn
         augment=build_augmentation(params.augment),
         seed=tp.seed,
     )
+    workers = resolve_workers(tp.workers, device)
     # The shuffle order is a function of (seed, epoch) alone, so a resumed run sees the same batches.
     if tp.repeat_threshold > 0:
         factors = repeat_factors(classes_present(dataset.files), tp.repeat_threshold)
@@ -216,10 +295,10 @@ def _train(params: Params, paths: TrainPaths, device: torch.device, info: DistIn
         dataset,
         batch_size=tp.batch_size,
         sampler=sampler,
-        num_workers=tp.workers,
+        num_workers=workers,
         collate_fn=collate,
         pin_memory=device.type == "cuda",
-    )
+    )  # not persistent_workers: the workers' dataset copies must see set_epoch
     net = (
         DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         if info.enabled
@@ -236,6 +315,7 @@ def _train(params: Params, paths: TrainPaths, device: torch.device, info: DistIn
         print(
             f"model {params.model.arch} (aux heads: {'on' if model.has_aux else 'off'}), "
             f"{count_parameters(model):,} parameters, {len(dataset)} training images, device {device}, "
+            f"precision {'fp32' if dtype is None else tp.precision}, {workers} loader workers, "
             f"{info.world_size} process{'es' if info.world_size > 1 else ''}"
         )
     for epoch in range(start_epoch, tp.epochs):
@@ -249,6 +329,7 @@ def _train(params: Params, paths: TrainPaths, device: torch.device, info: DistIn
             metrics = _evaluate_epoch(model, paths, params, device)
         record = {"epoch": epoch + 1, "lr": lr, **{f"train/{k}": v for k, v in losses.items()}, **metrics}
         history.append(record)
+        rngs = gather_objects(rng_state(), info)  # every rank's generators, for an exact resume
         if info.is_main:
             for key, value in record.items():
                 if key != "epoch":
@@ -258,11 +339,11 @@ def _train(params: Params, paths: TrainPaths, device: torch.device, info: DistIn
             improved = score is not None and score > best_score
             best_score = score if improved else best_score
             save_checkpoint(
-                last_path, model, optimizer, scheduler, scaler, epoch, params, best_score, history
+                last_path, model, optimizer, scheduler, scaler, epoch, params, best_score, history, rngs
             )
             if improved or not best_path.exists():
                 save_checkpoint(
-                    best_path, model, optimizer, scheduler, scaler, epoch, params, best_score, history
+                    best_path, model, optimizer, scheduler, scaler, epoch, params, best_score, history, rngs
                 )
             print(_epoch_line(record))
         barrier(info)
