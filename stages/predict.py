@@ -1,7 +1,7 @@
 """Predict any folder of images: <out>/<stem>/class1.tif..class4.tif, instance label maps as in the raw data.
 
-Usage: python stages/predict.py <checkpoint> <image_folder> <out_dir>
-Reads the `predict` settings (and `train.device`) from params.yaml in the working directory.
+Usage: python stages/predict.py <checkpoint> <image_folder> <out_dir> [--maps png|npz]
+Reads the `predict` and `postproc` settings (and `train.device`) from params.yaml in the working directory.
 """
 
 import argparse
@@ -11,7 +11,7 @@ from cellseg.checkpoint import load_trained_model
 from cellseg.cli import run
 from cellseg.device import select_device
 from cellseg.params import load_params
-from cellseg.predict_folder import IMAGE_SUFFIXES, predict_folder
+from cellseg.predict_folder import IMAGE_SUFFIXES, MAPS_FORMATS, predict_folder
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,11 +19,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="e.g. models/best.pt")
     parser.add_argument("image_folder", help=f"images to predict ({', '.join(IMAGE_SUFFIXES)})")
     parser.add_argument("out_dir", help="written: <stem>/class{k}.tif per image (absent when no instance)")
+    parser.add_argument(
+        "--maps",
+        choices=MAPS_FORMATS,
+        help="also write the centre and boundary probabilities: <stem>/{center,boundary}.png or <stem>/maps.npz",
+    )
     args = parser.parse_args(argv)
     params = load_params()
     device = select_device(params.train.device)
     model, _ = load_trained_model(args.checkpoint, device)
-    counts = predict_folder(model, args.image_folder, args.out_dir, params.predict, device)
+    counts = predict_folder(
+        model, args.image_folder, args.out_dir, params.predict, device, params.postproc, args.maps
+    )
     print(json.dumps(counts, indent=2))
 
 

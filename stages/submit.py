@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params()
     device = select_device(params.train.device)
     model, _ = load_trained_model(args.checkpoint, device)
-    summary = submit(model, args.test_dir, args.out_dir, params.predict, device)
+    summary = submit(model, args.test_dir, args.out_dir, params.predict, device, params.postproc)
     print(json.dumps(summary, indent=2))
 
 

@@ -75,6 +75,8 @@ def load_trained_model(checkpoint: str | Path, device: torch.device) -> tuple[Ce
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     trained = state["params"]
     model_params = ModelParams(**{**trained["model"], "pretrained": "none"})  # weights come from the file
-    model = build_model(model_params, AuxParams(**trained["aux"]))
+    # Checkpoints from before aux.boundary_downsample were trained with the nearest-neighbour target.
+    aux_params = AuxParams(**{"boundary_downsample": "nearest", **trained["aux"]})
+    model = build_model(model_params, aux_params)
     model.load_state_dict(state["model"])
     return for_inference(model, device), state
