@@ -36,6 +36,7 @@ bench: setup
 	$(RUN) python -m cellseg.bench.maps
 	$(RUN) python -m cellseg.bench.metric
 	$(RUN) python -m cellseg.bench.aux
+	$(RUN) python -m cellseg.bench.postproc
 	$(RUN) python -m cellseg.bench.inference models/best.pt
 
 clean-venv:
