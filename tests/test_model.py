@@ -314,3 +314,15 @@ def test_the_boundary_downsampling_changes_the_aux_loss() -> None:
     assert len(set(losses.values())) == 3
     with pytest.raises(ParamsError, match="aux.boundary_downsample must be one of"):
         _params(**{"aux.boundary_downsample": "bicubic"})
+
+
+def test_map_losses_on_validation_images_change_nothing() -> None:
+    torch.manual_seed(0)
+    model = build_model(*_model_aux(_params(**{"model.scale": 1.5}))).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    image = torch.rand(3, 40, 56)
+    maps = {"center": torch.rand(40, 56), "boundary": (torch.rand(40, 56) > 0.8).float()}
+    losses = model.map_losses([image], [maps])
+    assert set(losses) == {"loss_center", "loss_boundary"}
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # batch norm untouched

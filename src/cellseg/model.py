@@ -215,6 +215,16 @@ class CellMaskRCNN(nn.Module):
             "loss_boundary": F.binary_cross_entropy_with_logits(self.boundary_head(feature), boundary),
         }
 
+    @torch.no_grad()
+    def map_losses(self, images: list[Tensor], maps: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """The heads' unweighted losses on images and their ``center``/``boundary`` target maps, as in training
+        but without updating anything (call in eval mode, so batch norm keeps its statistics): the
+        validation curve of the auxiliary losses."""
+        targets = [{"boxes": m["center"].new_zeros((0, 4)), **m} for m in maps]
+        batch, targets = self.transform(images, targets)
+        features = self.backbone(batch.tensors)
+        return self.aux_losses(features["0"], batch_maps(targets, batch.tensors.shape[-2:]))
+
     def total_loss(self, losses: dict[str, Tensor]) -> Tensor:
         """``L_maskrcnn + w_center·L_center + w_boundary·L_boundary``."""
         total = sum(v for k, v in losses.items() if k not in ("loss_center", "loss_boundary"))
