@@ -45,6 +45,7 @@ bench: setup
 	$(RUN) python -m cellseg.bench.aux
 	$(RUN) python -m cellseg.bench.tiling
 	$(RUN) python -m cellseg.bench.train
+	$(RUN) python -m cellseg.bench.postproc
 	$(RUN) python -m cellseg.bench.inference models/best.pt
 
 real-cpu: setup

@@ -1,7 +1,7 @@
 """Predict any folder of images: <out>/<stem>/class1.tif..class4.tif, instance label maps as in the raw data.
 
-Usage: python stages/predict.py <checkpoint> <image_folder> <out_dir>
-Reads the `predict` settings (and `train.device`) from params.yaml in the working directory.
+Usage: python stages/predict.py <checkpoint> <image_folder> <out_dir> [--maps png|npz]
+Reads the `predict` and `postproc` settings (and `train.device`) from params.yaml in the working directory.
 """
 
 import argparse
@@ -12,7 +12,7 @@ from cellseg.checkpoint import load_trained_model
 from cellseg.cli import run
 from cellseg.device import select_device
 from cellseg.params import load_params
-from cellseg.predict_folder import IMAGE_SUFFIXES, predict_folder
+from cellseg.predict_folder import IMAGE_SUFFIXES, MAPS_FORMATS, predict_folder
 from cellseg.thresholds import THRESHOLDS_FILE, tuned_predict_params
 
 
@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> None:
         help="tuned thresholds (default: thresholds.json next to the checkpoint, if there is one; "
         "otherwise predict.label_score_threshold and predict.mask_threshold of params.yaml)",
     )
+    parser.add_argument(
+        "--maps",
+        choices=MAPS_FORMATS,
+        help="also write the centre and boundary probabilities: <stem>/{center,boundary}.png or <stem>/maps.npz",
+    )
     args = parser.parse_args(argv)
     params = load_params()
     device = select_device(params.train.device)
@@ -39,7 +44,9 @@ def main(argv: list[str] | None = None) -> None:
         f"thresholds: score >= {predict.label_score_threshold}, mask > {predict.mask_threshold} "
         f"({thresholds or 'params.yaml'})"
     )
-    counts = predict_folder(model, args.image_folder, args.out_dir, predict, device)
+    counts = predict_folder(
+        model, args.image_folder, args.out_dir, predict, device, params.postproc, args.maps
+    )
     print(json.dumps(counts, indent=2))
 
 

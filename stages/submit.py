@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     device = select_device(params.train.device)
     model, _ = load_trained_model(args.checkpoint, device)
     predict = tuned_predict_params(params.predict, args.thresholds)
-    summary = submit(model, args.test_dir, args.out_dir, predict, device)
+    summary = submit(model, args.test_dir, args.out_dir, predict, device, params.postproc)
     print(json.dumps(summary, indent=2))
 
 

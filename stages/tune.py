@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params()
     device = select_device(params.train.device)
     model, _ = load_trained_model(args.checkpoint, device)
-    thresholds = tune_thresholds(model, list_samples(args.val_dir), params.predict, device)
+    thresholds = tune_thresholds(model, list_samples(args.val_dir), params.predict, device, params.postproc)
     write_thresholds(args.thresholds_json, thresholds)
     print(json.dumps({k: v for k, v in thresholds.items() if k != "tried"}, indent=2))
 

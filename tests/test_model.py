@@ -18,6 +18,8 @@ from cellseg.model import (
     batch_maps,
     build_model,
     count_parameters,
+    downsample_boundary,
+    restore_to_input,
 )
 from cellseg.params import ParamsError, load_params
 from conftest import ROOT
@@ -310,3 +312,99 @@ def test_mask_targets_equal_torchvision_s_from_the_matched_masks_only() -> None:
     torch.testing.assert_close(
         project_masks_on_boxes(few, boxes, matched, 28), _TORCHVISION(few, boxes, matched, 28)
     )
+
+
+# ---------------------------------------------------------------------------------- maps at inference
+def test_detect_returns_the_heads_maps_at_each_input_size() -> None:
+    torch.manual_seed(0)
+    model = build_model(*_model_aux(_params())).eval()
+    sizes = [(70, 90), (45, 61)]
+    dets = model([torch.rand(3, *size) for size in sizes])
+    for det, size in zip(dets, sizes, strict=True):
+        for key in ("center", "boundary"):
+            assert det[key].shape == size
+            assert 0.0 <= float(det[key].min()) and float(det[key].max()) <= 1.0
+    plain = build_model(*_model_aux(_params(**{"aux.enabled": False}))).eval()
+    (det,) = plain([torch.rand(3, 70, 90)])
+    assert "center" not in det and "boundary" not in det
+
+
+def _blob(height: int, width: int, cy: float, cx: float, sigma: float = 6.0) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    return torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
+
+
+@pytest.mark.parametrize(
+    "model_changes",
+    [
+        {"model.scale": 1.0},
+        {"model.scale": 1.7},
+        {"model.scale": 0.6},
+        {"model.resize": "min_max", "model.min_size": 96, "model.max_size": 200},
+    ],
+    ids=["scale1", "scale1.7", "scale0.6", "min_max"],
+)
+def test_restored_maps_sit_on_the_input_pixels(model_changes: dict) -> None:
+    """A blob map goes through the model's resize and padding, is averaged over stride-4 blocks as the heads'
+    feature is, and comes back by :func:`restore_to_input` to where it was."""
+    transform = CellTransform(_params(**model_changes).model)
+    sizes = [(45, 70), (66, 38)]
+    maps = [_blob(45, 70, 20.0, 41.0), _blob(66, 38, 37.0, 17.0)]
+    batch, _ = transform([m.expand(3, -1, -1).clone() for m in maps])
+    resized = batch.tensors[:, :1] * IMAGENET_STD[0] + IMAGENET_MEAN[0]
+    for i, (h, w) in enumerate(batch.image_sizes):
+        resized[i, :, h:, :] = resized[i, :, :, w:] = 0.0  # the padding of a map is 0, not de-normalised 0
+    feature = F.avg_pool2d(resized, 4)
+    restored = restore_to_input(feature, batch.tensors.shape[-2:], batch.image_sizes, sizes)
+    for back, original in zip(restored, maps, strict=True):
+        assert back.shape == (1, *original.shape)
+        # Pooling and upsampling blur the blob but keep its centre of mass: a map misplaced by one feature
+        # cell moves it by 1.5-7 px here, a half-pixel slip by about 0.5 px.
+        np.testing.assert_allclose(_centroid(back[0]), _centroid(original), atol=0.05)
+
+
+def _centroid(values: torch.Tensor) -> np.ndarray:
+    yy, xx = torch.meshgrid(torch.arange(values.shape[0]), torch.arange(values.shape[1]), indexing="ij")
+    return np.array([float((values * yy).sum() / values.sum()), float((values * xx).sum() / values.sum())])
+
+
+@pytest.mark.parametrize("start", [0, 1, 2, 3, 9])
+def test_a_two_pixel_boundary_band_survives_max_pooling(start: int) -> None:
+    boundary = torch.zeros(1, 1, 32, 32)
+    boundary[..., start : start + 2] = 1.0  # a vertical band 2 px wide
+    block = start // 4 if (start % 4) < 3 else None  # the 4-px block holding its first column
+    pooled = downsample_boundary(boundary, (8, 8), "max")
+    assert pooled[0, 0, :, start // 4].eq(1).all() and pooled.sum() == 8 * (1 + (start % 4 == 3))
+    area = downsample_boundary(boundary, (8, 8), "area")
+    assert float(area.sum()) == pytest.approx(float(boundary.sum()) / 16)
+    nearest = downsample_boundary(boundary, (8, 8), "nearest")
+    assert nearest.sum() == (8 if start % 4 in (0, 3) else 0)  # samples column 4k only: drops most bands
+    assert block is None or area[0, 0, 0, block] > 0
+
+
+def test_the_boundary_downsampling_changes_the_aux_loss() -> None:
+    torch.manual_seed(0)
+    feature = torch.randn(1, 64, 8, 8)
+    maps = torch.zeros(1, 2, 32, 32)
+    maps[:, 1, :, 9:11] = 1.0
+    losses = {}
+    for mode in ("nearest", "max", "area"):
+        torch.manual_seed(1)
+        model = build_model(*_model_aux(_params(**{"aux.boundary_downsample": mode})))
+        with torch.no_grad():
+            losses[mode] = float(model.aux_losses(feature, maps)["loss_boundary"])
+    assert len(set(losses.values())) == 3
+    with pytest.raises(ParamsError, match="aux.boundary_downsample must be one of"):
+        _params(**{"aux.boundary_downsample": "bicubic"})
+
+
+def test_map_losses_on_validation_images_change_nothing() -> None:
+    torch.manual_seed(0)
+    model = build_model(*_model_aux(_params(**{"model.scale": 1.5}))).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    image = torch.rand(3, 40, 56)
+    maps = {"center": torch.rand(40, 56), "boundary": (torch.rand(40, 56) > 0.8).float()}
+    losses = model.map_losses([image], [maps])
+    assert set(losses) == {"loss_center", "loss_boundary"}
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # batch norm untouched

@@ -132,3 +132,11 @@ def test_plots_diff_overlays_both_runs_curves(repo: Path) -> None:
     loss = next(v for k, v in rendered.items() if "Training loss" in k)
     revisions = {rev for plot in loss for rev in plot.get("revisions", [])}
     assert {"HEAD", "workspace"} <= revisions
+
+
+def test_a_postproc_switch_reruns_only_evaluate_and_submit(repo: Path) -> None:
+    """Map-guided post-processing is tuned on a trained model: the training validation scores raw detections."""
+    output = _run(repo, "dvc", "exp", "run", "-S", "postproc.split=true", "-S", "postproc.rescore=true")
+    assert "Running stage 'evaluate'" in output and "Running stage 'submit'" in output
+    for stage in ("synth", "prepare", "maps", "train"):
+        assert f"Running stage '{stage}'" not in output

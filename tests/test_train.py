@@ -40,6 +40,8 @@ def test_outputs_of_a_training_run(tiny_project: dict) -> None:
         "lr",
         "val/map",
         "val/map_50",
+        "val/loss_center",
+        "val/loss_boundary",
         "train_subset/map",
         "train_subset/map_50",
         "val/pq",

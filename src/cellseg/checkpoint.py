@@ -167,7 +167,9 @@ def load_trained_model(checkpoint: str | Path, device: torch.device) -> tuple[Ce
     try:
         trained = state["params"]
         model_params = ModelParams(**{**trained["model"], "pretrained": "none"})  # weights come from the file
-        model = build_model(model_params, AuxParams(**trained["aux"]))
+        # Checkpoints from before aux.boundary_downsample were trained with the nearest-neighbour target.
+        aux_params = AuxParams(**{"boundary_downsample": "nearest", **trained["aux"]})
+        model = build_model(model_params, aux_params)
         _freeze_batch_norms_like(model, state["model"])
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:

@@ -148,7 +148,7 @@ def evaluate_checkpoint(paths: EvalPaths, params: Params, device: torch.device) 
     """The ``evaluate`` stage: predict the validation split with the checkpoint, score it, write every output."""
     files = list_samples(paths.val_dir)
     model, state = load_trained_model(paths.checkpoint, device)
-    scored = score_files(model, files, params, device, desc="evaluate val")
+    scored = score_files(model, files, params, device, desc="evaluate val", postproc=params.postproc)
     return write_evaluation(scored, files, paths, params, {"checkpoint_epoch": int(state["epoch"]) + 1})
 
 

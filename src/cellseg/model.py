@@ -10,7 +10,8 @@ from a stock torchvision model, each for a reason:
 - The auxiliary maps travel inside the targets through exactly the same resize and padding as the image, so
   they stay aligned with the features however the images of a batch differ in size.
 - :meth:`CellMaskRCNN.detect` returns the 28×28 mask probabilities unpasted: pasting every mask into a
-  full-size image costs N×H×W, which ``cellseg.predict`` avoids.
+  full-size image costs N×H×W, which ``cellseg.predict`` avoids. With the heads it also returns their centre
+  and boundary probabilities at the input image's pixels, for ``cellseg.postproc``.
 """
 
 from __future__ import annotations
@@ -96,6 +97,43 @@ class CellTransform(GeneralizedRCNNTransform):
         return image, target
 
 
+def restore_to_input(
+    maps: Tensor,
+    padded_size: tuple[int, int],
+    image_sizes: list[tuple[int, int]],
+    original_sizes: list[tuple[int, int]],
+) -> list[Tensor]:
+    """Undo the transform on feature-level maps (``B×C×h×w`` of a padded batch): one ``C×H×W`` per input image.
+
+    The maps are upsampled to the padded batch (each feature cell covers its stride's block of pixels), the
+    padding at the bottom and right is cut off, and the resized image's pixels are resized back to the input's.
+    """
+    up = F.interpolate(maps, size=tuple(padded_size), mode="bilinear", align_corners=False)
+    out = []
+    for m, (rh, rw), (h, w) in zip(up, image_sizes, original_sizes, strict=True):
+        m = m[:, :rh, :rw]
+        if (rh, rw) != (h, w):
+            m = F.interpolate(m[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        out.append(m)
+    return out
+
+
+def downsample_boundary(boundary: Tensor, size: tuple[int, int], mode: str) -> Tensor:
+    """The boundary target (``B×1×H×W``) at the heads' resolution.
+
+    ``nearest`` samples one pixel of each 4×4 block and so drops about half of a 2-px boundary band; ``max``
+    keeps a block as boundary when any of its pixels is; ``area`` gives the block's boundary share (a soft
+    target for the BCE).
+    """
+    if mode == "nearest":
+        return F.interpolate(boundary, size=size, mode="nearest")
+    if mode == "max":
+        return F.adaptive_max_pool2d(boundary, size)
+    if mode == "area":
+        return F.adaptive_avg_pool2d(boundary, size)
+    raise ValueError(f"unknown boundary downsampling {mode!r}")
+
+
 def batch_maps(targets: list[dict[str, Tensor]], padded_size: tuple[int, int]) -> Tensor:
     """Stack each target's (resized) centre and boundary maps into ``B×2×H×W``, zero-padded at the bottom and
     right exactly as ``GeneralizedRCNNTransform.batch_images`` pads the images."""
@@ -143,6 +181,7 @@ class CellMaskRCNN(nn.Module):
         self.roi_heads = detector.roi_heads
         set_roi_scales(self.roi_heads)
         self.aux_weights = {"center": aux.w_center, "boundary": aux.w_boundary} if aux.enabled else {}
+        self.boundary_downsample = aux.boundary_downsample
         if aux.enabled:
             channels = self.backbone.out_channels
             self.center_head = aux_head(channels, aux.hidden_channels)
@@ -168,14 +207,25 @@ class CellMaskRCNN(nn.Module):
         return losses
 
     def aux_losses(self, feature: Tensor, maps: Tensor) -> dict[str, Tensor]:
-        """BCE of each head against its map, brought to the feature's size: centre bilinear, boundary nearest."""
+        """BCE of each head against its map, brought to the feature's size: centre bilinear, boundary by
+        ``aux.boundary_downsample``."""
         size = feature.shape[-2:]
         center = F.interpolate(maps[:, :1], size=size, mode="bilinear", align_corners=False)
-        boundary = F.interpolate(maps[:, 1:], size=size, mode="nearest")
+        boundary = downsample_boundary(maps[:, 1:], size, self.boundary_downsample)
         return {
             "loss_center": F.binary_cross_entropy_with_logits(self.center_head(feature), center),
             "loss_boundary": F.binary_cross_entropy_with_logits(self.boundary_head(feature), boundary),
         }
+
+    @torch.no_grad()
+    def map_losses(self, images: list[Tensor], maps: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """The heads' unweighted losses on images and their ``center``/``boundary`` target maps, as in training
+        but without updating anything (call in eval mode, so batch norm keeps its statistics): the
+        validation curve of the auxiliary losses."""
+        targets = [{"boxes": m["center"].new_zeros((0, 4)), **m} for m in maps]
+        batch, targets = self.transform(images, targets)
+        features = self.backbone(batch.tensors)
+        return self.aux_losses(features["0"], batch_maps(targets, batch.tensors.shape[-2:]))
 
     def total_loss(self, losses: dict[str, Tensor]) -> Tensor:
         """``L_maskrcnn + w_center·L_center + w_boundary·L_boundary``."""
@@ -186,8 +236,11 @@ class CellMaskRCNN(nn.Module):
 
     @torch.inference_mode()
     def detect(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
-        """Detections per image with boxes in input-image pixels and ``mask_probs`` (N×28×28), not pasted."""
-        original_sizes = [img.shape[-2:] for img in images]
+        """Detections per image with boxes in input-image pixels and ``mask_probs`` (N×28×28), not pasted.
+
+        With the heads, also ``center`` and ``boundary``: their probabilities (H×W, the input image's pixels).
+        """
+        original_sizes = [tuple(img.shape[-2:]) for img in images]
         batch, _ = self.transform(images)
         features = self.backbone(batch.tensors)
         proposals, _ = self.rpn(batch, features)
@@ -195,6 +248,14 @@ class CellMaskRCNN(nn.Module):
         for det, resized, original in zip(detections, batch.image_sizes, original_sizes, strict=True):
             det["boxes"] = resize_boxes(det["boxes"], resized, original)
             det["mask_probs"] = det.pop("masks")[:, 0]
+        if self.has_aux:
+            feature = features["0"]
+            logits = torch.cat([self.center_head(feature), self.boundary_head(feature)], dim=1)
+            restored = restore_to_input(
+                logits.float(), batch.tensors.shape[-2:], batch.image_sizes, original_sizes
+            )
+            for det, maps in zip(detections, restored, strict=True):
+                det["center"], det["boundary"] = torch.sigmoid(maps).unbind(0)
         return detections
 
 

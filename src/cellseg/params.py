@@ -19,11 +19,12 @@ from typing import Any
 
 import yaml
 
-from cellseg import CellsegError
+from cellseg import NUM_CLASSES, CellsegError
 
 STAIN_METHODS = ("random_preset", "macenko", "vahadane")
 PRECISIONS = ("fp32", "fp16", "bf16")
 ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn_lite")
+BOUNDARY_DOWNSAMPLING = ("nearest", "area", "max")
 
 
 class ParamsError(CellsegError, ValueError):
@@ -137,11 +138,17 @@ class AuxParams:
     w_center: float
     w_boundary: float
     hidden_channels: int
+    boundary_downsample: str
 
     def __post_init__(self) -> None:
         _check(self.w_center >= 0, f"aux.w_center must be >= 0; got {self.w_center}")
         _check(self.w_boundary >= 0, f"aux.w_boundary must be >= 0; got {self.w_boundary}")
         _check(self.hidden_channels >= 1, "aux.hidden_channels must be >= 1")
+        _check(
+            self.boundary_downsample in BOUNDARY_DOWNSAMPLING,
+            f"aux.boundary_downsample must be one of {', '.join(BOUNDARY_DOWNSAMPLING)}; "
+            f"got {self.boundary_downsample!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -255,6 +262,42 @@ class PredictParams:
 
 
 @dataclass(frozen=True)
+class PostprocParams:
+    """Map-guided post-processing (``cellseg.postproc``): each step on its own switch; a model without the
+    auxiliary heads gives no maps, and then every step is skipped."""
+
+    peak_threshold: float
+    peak_min_distance: int
+    boundary_threshold: float
+    min_area: int
+    split: bool
+    trim: bool
+    recover: bool
+    recover_threshold: float
+    recover_radius: int
+    recover_neighbours: int
+    recover_class: int
+    recover_score: float
+    rescore: bool
+    rescore_weight: float
+
+    def __post_init__(self) -> None:
+        for key in ("peak_threshold", "boundary_threshold", "recover_threshold"):
+            _check(0.0 < getattr(self, key) < 1.0, f"postproc.{key} must be a probability in (0, 1)")
+        _check(self.peak_min_distance >= 1, "postproc.peak_min_distance must be >= 1 (px)")
+        _check(self.min_area >= 1, "postproc.min_area must be >= 1 (px)")
+        _check(self.recover_radius >= 1, "postproc.recover_radius must be >= 1 (px)")
+        _check(self.recover_neighbours >= 0, "postproc.recover_neighbours must be >= 0 (0: no vote)")
+        _check(1 <= self.recover_class <= NUM_CLASSES, f"postproc.recover_class must be in 1..{NUM_CLASSES}")
+        _check(0.0 < self.recover_score <= 1.0, "postproc.recover_score must be in (0, 1]")
+        _check(0.0 <= self.rescore_weight <= 1.0, "postproc.rescore_weight must be in [0, 1]")
+
+    @property
+    def any_step(self) -> bool:
+        return self.split or self.trim or self.recover or self.rescore
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     """Validation scoring and its pictures."""
 
@@ -281,6 +324,7 @@ class Params:
     augment: AugmentParams
     train: TrainParams
     predict: PredictParams
+    postproc: PostprocParams
     evaluate: EvaluateParams
 
     def __post_init__(self) -> None:

@@ -192,3 +192,35 @@ def save_overlay(
 def _dpi(width: int) -> int:
     """One output pixel per image pixel up to 800-px-wide images (panels are 5 in); small ones are enlarged."""
     return int(np.clip(width / PANEL_INCHES, 80, 160))
+
+
+# ------------------------------------------------------------------------------------------------------ maps
+def save_map_comparison(
+    path: Path,
+    image: np.ndarray,
+    predicted: tuple[np.ndarray, np.ndarray],
+    target: tuple[np.ndarray, np.ndarray],
+    title: str,
+) -> None:
+    """Image | predicted vs target centre | predicted vs target boundary, to see where the heads err.
+
+    ``predicted`` and ``target`` are ``(centre, boundary)`` maps of the image's size with values in [0, 1].
+    """
+    figure = Figure(figsize=(5 * 3.2, 3.2 * float(np.clip(image.shape[0] / image.shape[1], 0.3, 3.0)) + 0.8))
+    figure.set_layout_engine("constrained")
+    FigureCanvasAgg(figure)
+    panels = (
+        ("image", image, {}),
+        ("centre: predicted", predicted[0], {"cmap": "magma", "vmin": 0.0, "vmax": 1.0}),
+        ("centre: target", target[0], {"cmap": "magma", "vmin": 0.0, "vmax": 1.0}),
+        ("boundary: predicted", predicted[1], {"cmap": "gray", "vmin": 0.0, "vmax": 1.0}),
+        ("boundary: target", target[1], {"cmap": "gray", "vmin": 0.0, "vmax": 1.0}),
+    )
+    for axes, (name, data, style) in zip(figure.subplots(1, 5), panels, strict=True):
+        if data.shape[:2] != image.shape[:2]:
+            raise ValueError(f"{name} map has shape {data.shape[:2]}, the image {image.shape[:2]}")
+        axes.imshow(data, interpolation="nearest", **style)
+        axes.set_title(name, fontsize=9)
+        axes.set_axis_off()
+    figure.suptitle(title, fontsize=10)
+    figure.savefig(path, dpi=_dpi(image.shape[1]))

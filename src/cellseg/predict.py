@@ -12,6 +12,8 @@ stages and ``stages/predict.py``, so every figure comes from the same prediction
 - **Speed.** ``CellMaskRCNN.detect`` runs under ``torch.inference_mode`` (and fp16 autocast on CUDA);
   equal-sized images and tiles share a
   forward pass (:func:`predict_images`); :func:`for_inference` gives CPU models channels-last weights.
+- **Maps.** A model with auxiliary heads also gives centre and boundary maps (stitched across tiles); given
+  ``postproc`` params, :func:`cellseg.postproc.refine` uses them before the score threshold and the cap.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
 from cellseg.instances import Instances
 from cellseg.model import CellMaskRCNN
-from cellseg.params import PredictParams
+from cellseg.params import PostprocParams, PredictParams
+from cellseg.postproc import ProbMaps, refine, stitch_maps
 from cellseg.tiling import merge_tiles, tile_windows
 from cellseg.tiling import tile_starts as tile_starts  # re-exported: it lived here before
 from cellseg.tta import detect_with_flips
@@ -69,22 +72,30 @@ def detections_to_instances(
     return inst.select(np.array([c.any() for c in inst.crops], bool))
 
 
+def maps_of(det: dict[str, torch.Tensor]) -> ProbMaps | None:
+    """The heads' maps of one ``detect`` output as numpy; ``None`` for a model without heads."""
+    if "center" not in det:
+        return None
+    return ProbMaps(det["center"].float().cpu().numpy(), det["boundary"].float().cpu().numpy())
+
+
 def _image_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).to(device).float().div_(255.0)
 
 
 def _detect(
     model: CellMaskRCNN, images: list[np.ndarray], device: torch.device, params: PredictParams
-) -> list[Instances]:
-    """Run the model (with ``params.tta_views`` flips) over ``images`` in batches of equal-sized images."""
-    out: list[Instances] = []
+) -> list[tuple[Instances, ProbMaps | None]]:
+    """Run the model (with ``params.tta_views`` flips) over ``images`` in batches of equal-sized images:
+    ``(instances, maps or None)`` each."""
+    out: list[tuple[Instances, ProbMaps | None]] = []
     for start in range(0, len(images), params.batch_size):
         chunk = images[start : start + params.batch_size]
         tensors = [_image_tensor(im, device) for im in chunk]
         with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
             dets = detect_with_flips(model, tensors, params.tta_views)  # fp16 convolutions on a GPU
         out += [
-            detections_to_instances(d, im.shape[0], im.shape[1], params.mask_threshold)
+            (detections_to_instances(d, im.shape[0], im.shape[1], params.mask_threshold), maps_of(d))
             for d, im in zip(dets, chunk, strict=True)
         ]
     return out
@@ -126,19 +137,46 @@ def _is_tiled(image: np.ndarray, params: PredictParams) -> bool:
     return max(image.shape[:2]) > params.tile_size
 
 
+def _finish(
+    inst: Instances, maps: ProbMaps | None, params: PredictParams, postproc: PostprocParams | None
+) -> Instances:
+    """The map-guided steps (when asked for and the model has heads), then :func:`postprocess`."""
+    if postproc is not None:
+        inst = refine(inst, maps, postproc)
+    return postprocess(inst, params)
+
+
 def predict_image(
-    model: CellMaskRCNN, image: np.ndarray, params: PredictParams, device: torch.device | str = "cpu"
+    model: CellMaskRCNN,
+    image: np.ndarray,
+    params: PredictParams,
+    device: torch.device | str = "cpu",
+    postproc: PostprocParams | None = None,
 ) -> Instances:
     """Instances of one ``uint8 H×W×3`` image at its own resolution; tiled when larger than the tile size."""
+    return predict_image_maps(model, image, params, device, postproc)[0]
+
+
+def predict_image_maps(
+    model: CellMaskRCNN,
+    image: np.ndarray,
+    params: PredictParams,
+    device: torch.device | str = "cpu",
+    postproc: PostprocParams | None = None,
+) -> tuple[Instances, ProbMaps | None]:
+    """:func:`predict_image` and the heads' maps at the image's pixels (``None`` without heads)."""
     device = torch.device(device)
     if not _is_tiled(image, params):
-        (inst,) = _detect(model, [image], device, params)
-        return postprocess(inst, params)
+        ((inst, maps),) = _detect(model, [image], device, params)
+        return _finish(inst, maps, params, postproc), maps
     height, width = image.shape[:2]
     windows = tile_windows(height, width, params.tile_size, params.tile_overlap)
     tiles = [image[w.y0 : w.y0 + w.height, w.x0 : w.x0 + w.width] for w in windows]
     found = _detect(model, tiles, device, params)
-    return postprocess(merge_tiles(found, windows, height, width), params)
+    tile_maps = [(maps, w.y0, w.x0) for (_, maps), w in zip(found, windows, strict=True)]
+    maps = stitch_maps(tile_maps, height, width) if tile_maps[0][0] is not None else None
+    merged = merge_tiles([inst for inst, _ in found], windows, height, width)
+    return _finish(merged, maps, params, postproc), maps
 
 
 def predict_images(
@@ -146,29 +184,46 @@ def predict_images(
     images: Iterable[np.ndarray],
     params: PredictParams,
     device: torch.device | str = "cpu",
+    postproc: PostprocParams | None = None,
 ) -> Iterator[Instances]:
     """:func:`predict_image` of each image, in order and lazily.
 
     Consecutive untiled images of the same size share a forward pass (``params.batch_size`` at most), so
     callers that order images by size get batching without padding, which would change the detections.
     """
+    for inst, _ in predict_images_maps(model, images, params, device, postproc):
+        yield inst
+
+
+def predict_images_maps(
+    model: CellMaskRCNN,
+    images: Iterable[np.ndarray],
+    params: PredictParams,
+    device: torch.device | str = "cpu",
+    postproc: PostprocParams | None = None,
+) -> Iterator[tuple[Instances, ProbMaps | None]]:
+    """:func:`predict_images` with each image's maps (``None`` without heads), as :func:`predict_image_maps`."""
     device = torch.device(device)
     model.eval()
     pending: list[np.ndarray] = []
     for image in images:
         tiled = _is_tiled(image, params)
         if pending and (tiled or image.shape != pending[0].shape or len(pending) == params.batch_size):
-            yield from _predict_untiled(model, pending, params, device)
+            yield from _predict_untiled(model, pending, params, device, postproc)
             pending = []
         if tiled:
-            yield predict_image(model, image, params, device)
+            yield predict_image_maps(model, image, params, device, postproc)
         else:
             pending.append(image)
-    yield from _predict_untiled(model, pending, params, device)
+    yield from _predict_untiled(model, pending, params, device, postproc)
 
 
 def _predict_untiled(
-    model: CellMaskRCNN, images: list[np.ndarray], params: PredictParams, device: torch.device
-) -> list[Instances]:
+    model: CellMaskRCNN,
+    images: list[np.ndarray],
+    params: PredictParams,
+    device: torch.device,
+    postproc: PostprocParams | None,
+) -> list[tuple[Instances, ProbMaps | None]]:
     found = _detect(model, images, device, params)
-    return [postprocess(inst, params) for inst in found]
+    return [(_finish(inst, maps, params, postproc), maps) for inst, maps in found]

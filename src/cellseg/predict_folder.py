@@ -6,6 +6,9 @@ the classes of the image (class1 holds the first ids), as in the raw training da
 has no file. Predictions therefore open with the same readers and viewers as the annotations.
 
 The files hold one nucleus per pixel across all classes, with the tuned thresholds (see :func:`label_maps`).
+
+On request (``maps_format``), a model with auxiliary heads also writes its centre and boundary probabilities
+beside the label maps: ``center.png`` and ``boundary.png`` (8-bit, 255 = 1.0) or ``maps.npz`` (float32).
 """
 
 from __future__ import annotations
@@ -18,17 +21,19 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from cellseg import NUM_CLASSES
-from cellseg.fsutil import atomic_dir
+from cellseg import NUM_CLASSES, CellsegError
+from cellseg.fsutil import atomic_dir, save_npz
 from cellseg.instances import Instances
 from cellseg.io import CLASS_FILES, DataFormatError, read_image, to_rgb8, write_label_tif
 from cellseg.model import CellMaskRCNN
 from cellseg.nuclei_metrics import label_map
-from cellseg.params import PredictParams
-from cellseg.predict import predict_images
+from cellseg.params import PostprocParams, PredictParams
+from cellseg.postproc import ProbMaps
+from cellseg.predict import predict_images_maps
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 _PIL_MODES = ("L", "RGB", "RGBA", "I;16", "I;16L", "I;16B", "I", "F")  # read as arrays, not converted
+MAPS_FORMATS = ("png", "npz")
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -89,13 +94,34 @@ def label_maps(inst: Instances, params: PredictParams) -> dict[int, np.ndarray]:
     return {int(k): np.where(class_of == k, ids, 0.0) for k in np.unique(nuclei.classes)}
 
 
-def write_label_maps(folder: Path, inst: Instances, params: PredictParams) -> dict[int, np.ndarray]:
-    """``folder/class{k}.tif`` for every class with nuclei, atomically (the folder appears complete)."""
-    maps = label_maps(inst, params)
+def write_label_maps(
+    folder: Path,
+    inst: Instances,
+    params: PredictParams,
+    maps: ProbMaps | None = None,
+    maps_format: str = "png",
+) -> dict[int, np.ndarray]:
+    """``folder/class{k}.tif`` for every class with nuclei (and ``maps`` when given), atomically (the folder
+    appears complete). Returns the label maps."""
+    labels_by_class = label_maps(inst, params)
     with atomic_dir(folder) as tmp:
-        for k, labels in maps.items():
+        for k, labels in labels_by_class.items():
             write_label_tif(tmp / CLASS_FILES[k - 1], labels)
-    return maps
+        if maps is not None:
+            write_prob_maps(tmp, maps, maps_format)
+    return labels_by_class
+
+
+def write_prob_maps(folder: Path, maps: ProbMaps, maps_format: str) -> None:
+    """``center.png`` and ``boundary.png`` (probability × 255, rounded) or ``maps.npz`` (float32)."""
+    if maps_format == "npz":
+        save_npz(folder / "maps.npz", center=maps.center, boundary=maps.boundary)
+        return
+    if maps_format != "png":
+        raise ValueError(f"maps_format must be one of {', '.join(MAPS_FORMATS)}; got {maps_format!r}")
+    for name, values in (("center", maps.center), ("boundary", maps.boundary)):
+        pixels = np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{name}.png")
 
 
 def _read_all(paths: list[Path]) -> Iterator[np.ndarray]:
@@ -109,21 +135,30 @@ def predict_folder(
     out_dir: str | Path,
     params: PredictParams,
     device: torch.device,
+    postproc: PostprocParams | None = None,
+    maps_format: str | None = None,
 ) -> dict:
     """Predict every image of ``in_dir`` into ``out_dir/<stem>/``; return the instance count per image.
 
-    Only the per-image folders are replaced, so other content of ``out_dir`` is left alone.
+    Only the per-image folders are replaced, so other content of ``out_dir`` is left alone. ``postproc`` adds
+    the map-guided steps; ``maps_format`` (``png`` or ``npz``) also writes the heads' maps.
     """
+    if maps_format is not None and not getattr(model, "has_aux", False):
+        raise CellsegError(
+            "writing maps needs a model with the auxiliary heads (trained with aux.enabled: true)"
+        )
     paths = list_images(in_dir)
     out_dir = Path(out_dir)
     counts = {}
-    predictions = predict_images(model, _read_all(paths), params, device)
-    for path, inst in tqdm(
+    predictions = predict_images_maps(model, _read_all(paths), params, device, postproc)
+    for path, (inst, maps) in tqdm(
         zip(paths, predictions, strict=True), total=len(paths), desc="predict", unit="img"
     ):
-        maps = write_label_maps(out_dir / path.stem, inst, params)
+        written = write_label_maps(
+            out_dir / path.stem, inst, params, maps if maps_format else None, maps_format or "png"
+        )
         counts[path.name] = {
-            f"class{k}": int(np.count_nonzero(np.unique(maps[k]))) if k in maps else 0
+            f"class{k}": int(np.count_nonzero(np.unique(written[k]))) if k in written else 0
             for k in range(1, NUM_CLASSES + 1)
         }
     return counts

@@ -18,7 +18,7 @@ from cellseg.io import DataFormatError, load_npz
 from cellseg.metrics import Evaluation, evaluate
 from cellseg.model import CellMaskRCNN
 from cellseg.nuclei_metrics import SplitScores, score_split
-from cellseg.params import Params, PredictParams
+from cellseg.params import Params, PostprocParams, PredictParams
 from cellseg.predict import predict_image
 
 
@@ -45,15 +45,24 @@ def load_labelled(path: Path) -> tuple:
 
 
 def score_files(
-    model: CellMaskRCNN, files: list[Path], params: Params, device: torch.device, desc: str = "evaluate"
+    model: CellMaskRCNN,
+    files: list[Path],
+    params: Params,
+    device: torch.device,
+    desc: str = "evaluate",
+    postproc: PostprocParams | None = None,
 ) -> ScoredSplit:
-    """Predict every sample of ``files`` and score the predictions against their labels."""
+    """Predict every sample of ``files`` and score the predictions against their labels.
+
+    ``postproc`` adds the map-guided steps (the evaluate stage); the training loop scores the raw detections,
+    so that post-processing can be tuned on a trained model without training again.
+    """
     model.eval()
     ground_truth, predictions = [], []
     for path in tqdm(files, desc=desc, unit="img", leave=False):
         image, gt = load_labelled(path)
         ground_truth.append(gt)
-        predictions.append(predict_image(model, image, params.predict, device))
+        predictions.append(predict_image(model, image, params.predict, device, postproc))
     evaluation = evaluate(ground_truth, predictions, max_detections=params.predict.max_per_image)
     return ScoredSplit([p.stem for p in files], ground_truth, predictions, evaluation)
 

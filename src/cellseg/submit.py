@@ -20,7 +20,7 @@ from tqdm import tqdm
 from cellseg.fsutil import atomic_dir
 from cellseg.io import DataFormatError, load_npz
 from cellseg.model import CellMaskRCNN
-from cellseg.params import PredictParams
+from cellseg.params import PostprocParams, PredictParams
 from cellseg.predict import predict_images
 from cellseg.rle import to_coco_results
 
@@ -60,14 +60,18 @@ def load_test_images(test_dir: str | Path) -> list[TestImage]:
 
 
 def predict_results(
-    model: CellMaskRCNN, tests: list[TestImage], params: PredictParams, device: torch.device
+    model: CellMaskRCNN,
+    tests: list[TestImage],
+    params: PredictParams,
+    device: torch.device,
+    postproc: PostprocParams | None = None,
 ) -> list[dict]:
     """COCO results rows of every test image, in ``tests`` order.
 
     Images are fed in size order, so that equal-sized ones share a forward pass.
     """
     order = sorted(range(len(tests)), key=lambda i: (tests[i].image.shape, i))
-    predictions = predict_images(model, (tests[i].image for i in order), params, device)
+    predictions = predict_images(model, (tests[i].image for i in order), params, device, postproc)
     rows: dict[int, list[dict]] = {}
     for i, inst in tqdm(zip(order, predictions, strict=True), total=len(order), desc="submit", unit="img"):
         rows[i] = to_coco_results(inst, tests[i].image_id)
@@ -91,10 +95,11 @@ def submit(
     out_dir: str | Path,
     params: PredictParams,
     device: torch.device,
+    postproc: PostprocParams | None = None,
 ) -> dict:
     """Predict every test image of ``test_dir`` and write the submission to ``out_dir``; return a summary."""
     tests = load_test_images(test_dir)
-    rows = predict_results(model, tests, params, device)
+    rows = predict_results(model, tests, params, device, postproc)
     write_submission(rows, out_dir)
     found = {row["image_id"] for row in rows}
     return {

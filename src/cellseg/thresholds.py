@@ -27,7 +27,7 @@ from cellseg.fsutil import write_json
 from cellseg.io import DataFormatError
 from cellseg.model import CellMaskRCNN
 from cellseg.nuclei_metrics import score_split
-from cellseg.params import PredictParams
+from cellseg.params import PostprocParams, PredictParams
 from cellseg.predict import predict_image
 from cellseg.scoring import load_labelled
 
@@ -41,9 +41,14 @@ def untuned(params: PredictParams) -> dict:
 
 
 def tune_thresholds(
-    model: CellMaskRCNN, files: list[Path], params: PredictParams, device: torch.device
+    model: CellMaskRCNN,
+    files: list[Path],
+    params: PredictParams,
+    device: torch.device,
+    postproc: PostprocParams | None = None,
 ) -> dict:
-    """The (score, mask) threshold pair of the grids with the highest validation PQ, and every pair's PQ."""
+    """The (score, mask) threshold pair of the grids with the highest validation PQ, and every pair's PQ
+    (predictions post-processed with ``postproc`` as ``evaluate`` and ``submit`` do)."""
     if not params.tune_thresholds:
         return untuned(params)
     samples = [load_labelled(path) for path in files]
@@ -53,7 +58,7 @@ def tune_thresholds(
     for mask_threshold in params.tune_mask_grid:
         run = dataclasses.replace(params, mask_threshold=mask_threshold)
         predictions = [
-            predict_image(model, image, run, device)
+            predict_image(model, image, run, device, postproc)
             for image, _ in tqdm(samples, desc=f"tune: masks > {mask_threshold}", unit="img", leave=False)
         ]
         for score_threshold in params.tune_score_grid:

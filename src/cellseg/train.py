@@ -40,6 +40,7 @@ from cellseg.distributed import (
     sum_across_ranks,
 )
 from cellseg.fsutil import write_json
+from cellseg.io import load_npz
 from cellseg.model import CellMaskRCNN, build_model, count_parameters, download_pretrained
 from cellseg.params import Params, ParamsError
 from cellseg.sampling import RepeatFactorSampler, classes_present, repeat_factors
@@ -192,7 +193,24 @@ def _evaluate_epoch(model: CellMaskRCNN, paths: TrainPaths, params: Params, devi
             if name == "val":
                 nuclei = nuclei_scores(scored, params.predict).metrics
                 results.update({"val/pq": nuclei["pq"], "val/mpq_plus": nuclei["mpq_plus"]})
+    if model.has_aux and subsets["val"] and (paths.maps / "val").is_dir():
+        results.update(validation_map_losses(model, subsets["val"], paths.maps / "val", device))
     return results
+
+
+def validation_map_losses(
+    model: CellMaskRCNN, files: list[Path], maps_dir: Path, device: torch.device
+) -> dict[str, float]:
+    """``val/loss_center`` and ``val/loss_boundary``: the heads' losses on whole validation images (mean)."""
+    model.eval()
+    sums: dict[str, float] = {}
+    for path in files:
+        image = torch.from_numpy(load_npz(path)["image"].transpose(2, 0, 1).copy()).float().div_(255.0)
+        maps = load_npz(maps_dir / path.name)
+        targets = {k: torch.from_numpy(maps[k].astype("float32")).to(device) for k in ("center", "boundary")}
+        for key, value in model.map_losses([image.to(device)], [targets]).items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+    return {f"val/{key}": value / len(files) for key, value in sums.items()}
 
 
 def _selection_score(metrics: dict) -> float | None:

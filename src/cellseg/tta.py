@@ -21,6 +21,8 @@ from torchvision.ops import box_iou
 FLIPS: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (False, True), (True, True))
 """(horizontal, vertical) flips of the views, in order: ``predict.tta_views`` takes the first 1, 2 or 4."""
 MERGE_IOU = 0.5
+IMAGE_KEYS = ("center", "boundary")
+"""Image-level outputs of ``detect`` (the heads' probability maps): un-flipped and averaged over the views."""
 
 
 def _flip_image(image: Tensor, horizontal: bool, vertical: bool) -> Tensor:
@@ -31,22 +33,26 @@ def _flip_image(image: Tensor, horizontal: bool, vertical: bool) -> Tensor:
 def _unflip(det: dict[str, Tensor], height: int, width: int, horizontal: bool, vertical: bool) -> dict:
     """A view's detections in the original image's frame."""
     boxes, probs = det["boxes"].clone(), det["mask_probs"]
+    maps = {key: det[key] for key in IMAGE_KEYS if key in det}
     if horizontal:
         boxes[:, [0, 2]] = width - det["boxes"][:, [2, 0]]
         probs = probs.flip(-1)
+        maps = {key: value.flip(-1) for key, value in maps.items()}
     if vertical:
         boxes[:, [1, 3]] = height - det["boxes"][:, [3, 1]]
         probs = probs.flip(-2)
-    return {**det, "boxes": boxes, "mask_probs": probs}
+        maps = {key: value.flip(-2) for key, value in maps.items()}
+    return {**det, "boxes": boxes, "mask_probs": probs, **maps}
 
 
 def merge_views(views: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     """One detection per cluster of overlapping detections across views (see the module docstring)."""
     n_views = len(views)
-    merged = {key: torch.cat([v[key] for v in views]) for key in views[0]}
+    maps = {key: torch.stack([v[key] for v in views]).mean(dim=0) for key in IMAGE_KEYS if key in views[0]}
+    merged = {key: torch.cat([v[key] for v in views]) for key in views[0] if key not in IMAGE_KEYS}
     n = len(merged["scores"])
     if n_views == 1 or n == 0:
-        return views[0]
+        return {**views[0], **maps}
     view_of = torch.cat([torch.full((len(v["scores"]),), i, dtype=torch.long) for i, v in enumerate(views)])
     overlaps = box_iou(merged["boxes"].float(), merged["boxes"].float()) > MERGE_IOU
     order = torch.argsort(merged["scores"], descending=True, stable=True).tolist()
@@ -65,7 +71,7 @@ def merge_views(views: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     out = {key: value[keep] for key, value in merged.items()}
     out["scores"] = torch.stack(scores).to(merged["scores"].dtype)
     order = torch.argsort(out["scores"], descending=True, stable=True)
-    return {key: value[order] for key, value in out.items()}
+    return {**{key: value[order] for key, value in out.items()}, **maps}
 
 
 def detect_with_flips(model, images: list[Tensor], n_views: int) -> list[dict[str, Tensor]]:
