@@ -255,6 +255,6 @@ def test_a_split_of_100_tiles_scores_in_well_under_a_few_seconds() -> None:
     rng = np.random.default_rng(4)
     truths = [random_discs(rng, 50, size=256) for _ in range(100)]
     preds = [random_discs(rng, 50, size=256) for _ in range(100)]
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: the machine may be shared, wall time would measure the others
     metrics = score_split([str(i) for i in range(100)], truths, preds, score_threshold=0.2).metrics
-    assert 0 <= metrics["pq"] < 1 and time.perf_counter() - start < 2.5
+    assert 0 <= metrics["pq"] < 1 and time.process_time() - start < 2.5
