@@ -13,8 +13,7 @@ RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 RAW ?= data/raw
 REAL_CPU = -S 'data.raw_dir=$(RAW)' -S "data.group_regex='^(train_[0-9]+)_'" \
   -S model.scale=2.0 -S train.crop_size=128 -S augment.hflip_p=0.5 -S augment.vflip_p=0.5 -S augment.rotate90_p=0.5 \
-  -S train.eval_every=30 -S train.train_eval_images=0 -S train.repeat_threshold=1.0 \
-  -S model.rpn_pre_nms_top_n_train=1000 -S model.rpn_post_nms_top_n_train=500 -S model.box_batch_size_per_image=64
+  -S train.repeat_threshold=1.0 -S train.epochs=27 -S train.eval_every=27 -S train.train_eval_images=0
 
 setup: $(VENV)/.installed
 
