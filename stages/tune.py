@@ -11,8 +11,9 @@ from cellseg.checkpoint import load_trained_model
 from cellseg.cli import run
 from cellseg.device import select_device
 from cellseg.evaluate import list_samples
+from cellseg.fsutil import write_json
 from cellseg.params import load_params
-from cellseg.thresholds import tune_thresholds, write_thresholds
+from cellseg.thresholds import tune_thresholds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     device = select_device(params.train.device)
     model, _ = load_trained_model(args.checkpoint, device)
     thresholds = tune_thresholds(model, list_samples(args.val_dir), params.predict, device, params.postproc)
-    write_thresholds(args.thresholds_json, thresholds)
+    write_json(args.thresholds_json, thresholds)
     print(json.dumps({k: v for k, v in thresholds.items() if k != "tried"}, indent=2))
 
 

@@ -25,13 +25,14 @@ import cellseg.evaluate as evaluate_module
 from cellseg.bench.metric import noisy_predictions
 from cellseg.checkpoint import load_trained_model
 from cellseg.evaluate import EvalPaths, evaluate_checkpoint, list_samples, write_evaluation
+from cellseg.fsutil import write_json
 from cellseg.instances import Instances
 from cellseg.io import DataFormatError, save_train_npz
 from cellseg.plots import save_overlay
 from cellseg.predict import predict_image
 from cellseg.rle import decode, to_coco_ground_truth
 from cellseg.scoring import load_labelled, score_predictions
-from cellseg.thresholds import untuned, write_thresholds
+from cellseg.thresholds import untuned
 from conftest import ROOT, tiny_params
 
 OUTPUT_NAMES = ("predictions", "metrics", "plots")
@@ -88,7 +89,7 @@ def stage_run(tiny_project, tmp_path_factory) -> dict:
             "label_score_threshold": 0.35,
             "mask_threshold": 0.45,
         }
-        write_thresholds("thresholds.json", tuned)
+        write_json("thresholds.json", tuned)
         stage.main(
             [str(checkpoint), "thresholds.json", str(val_dir), "data/predictions", "metrics/eval.json"]
             + ["plots/eval", "metrics/eval_per_image.csv"]

@@ -18,12 +18,13 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from cellseg.fsutil import write_json
 from cellseg.instances import Instances
 from cellseg.io import DataFormatError, read_label, read_test_mapping, save_test_npz, write_image_tif
 from cellseg.predict_folder import label_maps, list_images, predict_folder, read_any_image
 from cellseg.rle import decode, encode_mask
 from cellseg.submit import RESULTS_FILE, ZIP_FILE, load_test_images, submit, write_submission
-from cellseg.thresholds import untuned, write_thresholds
+from cellseg.thresholds import untuned
 from conftest import ROOT, tiny_params
 
 CPU = torch.device("cpu")
@@ -51,7 +52,7 @@ def submission(tiny_project, tmp_path_factory) -> Path:
     """The submit stage on the tiny project (its tile size makes the larger test images tiled)."""
     root = tmp_path_factory.mktemp("submit")
     checkpoint, test_dir = tiny_project["models"] / "best.pt", tiny_project["prepared"] / "test"
-    write_thresholds(root / "thresholds.json", untuned(tiny_project["params"].predict))
+    write_json(root / "thresholds.json", untuned(tiny_project["params"].predict))
     _run_stage(
         "submit", [str(checkpoint), "thresholds.json", str(test_dir), "submission"], tiny_project, root
     )
@@ -250,7 +251,7 @@ def test_predict_cli_with_the_real_model(tiny_project, tmp_path: Path) -> None:
         sizes[stem] = test.image.shape[:2]
     # the 1-epoch model scores low: label maps from every detection the submission would keep
     low = {**untuned(tiny_project["params"].predict), "label_score_threshold": 0.05}
-    write_thresholds(tmp_path / "thresholds.json", low)
+    write_json(tmp_path / "thresholds.json", low)
     argv = [str(tiny_project["models"] / "best.pt"), str(tmp_path / "in"), str(tmp_path / "out")]
     argv += ["--thresholds", str(tmp_path / "thresholds.json")]
     _run_stage("predict", argv, tiny_project, tmp_path / "work")

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from cellseg.fsutil import write_json
 from cellseg.io import DataFormatError, save_train_npz
-from cellseg.thresholds import tune_thresholds, tuned_predict_params, untuned, write_thresholds
+from cellseg.thresholds import tune_thresholds, tuned_predict_params, untuned
 from conftest import tiny_params
 from test_predict import Oracle, paint_cells
 
@@ -67,7 +68,7 @@ def test_without_tuning_the_params_values_are_stored(tmp_path: Path) -> None:
 def test_stages_read_the_stored_thresholds(tmp_path: Path) -> None:
     params = tiny_params().predict
     path = tmp_path / "thresholds.json"
-    write_thresholds(path, {**untuned(params), "label_score_threshold": 0.65, "mask_threshold": 0.4})
+    write_json(path, {**untuned(params), "label_score_threshold": 0.65, "mask_threshold": 0.4})
     tuned = tuned_predict_params(params, path)
     assert (tuned.label_score_threshold, tuned.mask_threshold) == (0.65, 0.4)
     assert tuned.score_threshold == params.score_threshold  # COCO results keep every detection

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cellseg.fsutil import write_json
 from cellseg.io import DataFormatError
 from cellseg.model import CellMaskRCNN
 from cellseg.nuclei_metrics import score_split
@@ -82,10 +81,6 @@ def tune_thresholds(
         "val_images": len(files),
         "tried": tried,
     }
-
-
-def write_thresholds(path: str | Path, thresholds: dict) -> None:
-    write_json(Path(path), thresholds)
 
 
 def tuned_predict_params(params: PredictParams, thresholds_path: str | Path | None) -> PredictParams:
