@@ -104,7 +104,8 @@ def test_a_strong_peak_without_a_detection_is_recovered() -> None:
     assert _iou(new.full_masks()[0], _disc(FAR)) > 0.9
     assert new.labels[0] == 4  # the vote of its neighbours
     params = _params(recover=True)
-    assert new.scores[0] == pytest.approx(params.recover_score * maps.center[FAR], abs=1e-6)
+    evidence = min(1.0, maps.center[FAR] / params.peak_threshold)  # a clear peak is full evidence
+    assert new.scores[0] == pytest.approx(params.recover_score * evidence, abs=1e-6)
     assert np.array_equal(out.full_masks()[:2], found.full_masks())  # the detections are untouched
 
 
@@ -130,7 +131,21 @@ def test_rescoring_raises_a_detection_on_a_centre_and_lowers_one_without() -> No
     out = refine(found, maps, _params(rescore=True))
     w = _params().rescore_weight
     assert out.scores[0] > 0.5 and out.scores[1] < 0.5
-    assert out.scores[0] == pytest.approx((1 - w) * 0.5 + w * maps.center[_disc(LEFT)].max(), abs=1e-6)
+    evidence = min(1.0, maps.center[_disc(LEFT)].max() / _params().peak_threshold)
+    assert out.scores[0] == pytest.approx((1 - w) * 0.5 + w * evidence, abs=1e-6)
+
+
+def test_centre_evidence_follows_the_peak_threshold_not_the_raw_probability() -> None:
+    """A trained head's centre probabilities sit far below 1; with a peak threshold tuned to them, a clear
+    peak still counts fully, and half the threshold counts half."""
+    maps = _truth_maps([LEFT])
+    weak = ProbMaps(maps.center * 0.25, maps.boundary)  # peak 0.25, as a briefly trained head gives
+    found = _instances([_disc(LEFT)], [1], [0.5])
+    w = _params().rescore_weight
+    full = refine(found, weak, _params(rescore=True, peak_threshold=0.2))
+    assert full.scores[0] == pytest.approx((1 - w) * 0.5 + w * 1.0, abs=1e-6)
+    half = refine(found, weak, _params(rescore=True, peak_threshold=0.5))
+    assert half.scores[0] == pytest.approx((1 - w) * 0.5 + w * 0.5, abs=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------------ trim

@@ -10,8 +10,13 @@ proposals) use such maps after the forward pass. The steps, each switched by ``p
   nearer (in units of each one's equivalent radius): a mask that runs over its neighbour's edge is cut back;
 - **recover**: a strong centre peak that no mask covers becomes a cell: the region around it bounded by the
   boundary map (within ``recover_radius``), classed by a vote of the nearest detections;
-- **rescore**: ``score ← (1 − w)·score + w·c``, with ``c`` the highest centre probability inside the mask: a
-  detection without a centre loses score, one with a clear centre gains.
+- **rescore**: ``score ← (1 − w)·score + w·e``, with ``e`` the centre evidence inside the mask: a detection
+  without a centre loses score, one with a clear centre gains.
+
+Centre evidence is ``min(1, c / peak_threshold)`` for a centre probability ``c``: a peak that counts as a
+centre is full evidence. A trained head's probabilities sit well below 1 (on consep-dev after 6 epochs their
+maximum was about 0.25), and how far below depends on the training, so the scores follow the tuned peak
+threshold rather than the raw probability.
 
 Cost: the peaks are found once per image (one maximum filter); every other step works on box-local crops, so
 the work grows with the cells' area, not with cells × image area (``cellseg.bench.postproc`` measures it).
@@ -92,7 +97,7 @@ def refine(inst: Instances, maps: ProbMaps | None, params: PostprocParams) -> In
     if params.recover:
         inst = recover_missed(inst, maps, peaks, params)
     if params.rescore:
-        inst = rescore(inst, maps.center, params.rescore_weight)
+        inst = rescore(inst, maps.center, params.rescore_weight, params.peak_threshold)
     return inst
 
 
@@ -281,7 +286,7 @@ def recover_missed(inst: Instances, maps: ProbMaps, peaks: np.ndarray, params: P
         covered[wy, wx] |= region
         offset, crop = _tight(region, wy.start, wx.start)
         labels.append(_vote(inst.labels, det_centres, (py, px), params))
-        scores.append(params.recover_score * float(maps.center[py, px]))
+        scores.append(params.recover_score * centre_evidence(maps.center[py, px], params.peak_threshold))
         offsets.append(offset)
         crops.append(crop)
     return _rebuild(inst, labels, scores, offsets, crops)
@@ -299,8 +304,13 @@ def _vote(labels: np.ndarray, centres: np.ndarray, point: tuple[int, int], param
     return int(next(labels[j] for j in nearest if labels[j] in winners))
 
 
-def rescore(inst: Instances, center: np.ndarray, weight: float) -> Instances:
-    """``score ← (1 − weight)·score + weight·(highest centre probability inside the mask)``."""
+def centre_evidence(center: np.ndarray | float, peak_threshold: float) -> np.ndarray:
+    """``min(1, c / peak_threshold)``: 1 from the probability at which a maximum counts as a centre."""
+    return np.minimum(np.asarray(center, np.float32) / np.float32(peak_threshold), np.float32(1.0))
+
+
+def rescore(inst: Instances, center: np.ndarray, weight: float, peak_threshold: float) -> Instances:
+    """``score ← (1 − weight)·score + weight·e``, ``e`` the highest centre evidence inside the mask."""
     if len(inst) == 0:
         return inst
     peak = np.asarray(
@@ -310,5 +320,6 @@ def rescore(inst: Instances, center: np.ndarray, weight: float) -> Instances:
         ],
         np.float32,
     )
-    scores = ((1.0 - weight) * inst.scores + weight * peak).astype(np.float32)
+    evidence = centre_evidence(peak, peak_threshold)
+    scores = ((1.0 - weight) * inst.scores + weight * evidence).astype(np.float32)
     return Instances(inst.height, inst.width, inst.labels, scores, inst.offsets, inst.crops)
