@@ -94,7 +94,7 @@ def stage_run(tiny_project, tmp_path_factory) -> dict:
         write_json("thresholds.json", tuned)
         stage.main(
             [str(checkpoint), "thresholds.json", str(val_dir), "data/predictions", "metrics/eval.json"]
-            + ["plots/eval", "metrics/eval_per_image.csv"]
+            + ["plots/eval", "metrics/eval_per_image.csv", "--maps", str(tiny_project["maps"] / "val")]
         )
     paths = EvalPaths(
         checkpoint,
@@ -165,6 +165,8 @@ def test_stage_writes_every_output_with_its_schema(stage_run) -> None:
     worst = min(per_image[1:], key=lambda row: (row[3] == "", float(row[3] or 0), row[0]))[0]
     assert [p.name for p in overlays] == [f"{worst}.png"]  # the evaluate.n_overlays (1) of lowest PQ
     assert Image.open(overlays[0]).size[0] > 300
+    # --maps and a model with heads: the same sample's predicted vs target maps
+    assert [p.name for p in (paths.plots / "maps").iterdir()] == [f"{worst}.png"]
     assert "map_50_at_100" in stage_run["stdout"] and "class4" in stage_run["stdout"]
     assert "mpq_plus" in stage_run["stdout"] and "PQ per class" in stage_run["stdout"]
 
