@@ -1,7 +1,7 @@
 """Stage `evaluate`: the best checkpoint on the validation split -> COCO predictions, metrics/eval.json, plots.
 
 Usage: python stages/evaluate.py <checkpoint> <thresholds_json> <val_dir> <predictions_dir> <metrics_json>
-       <plots_dir> [<per_image_csv>]
+       <plots_dir> [<per_image_csv>] [--maps <maps_val_dir>]
 """
 
 import argparse
@@ -22,12 +22,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("val_dir", type=Path, help="prepared validation samples, <sample>.npz")
     parser.add_argument("predictions_dir", type=Path, help="written: val-results.json, val-images.json")
     parser.add_argument("metrics_json", type=Path, help="written: the metrics (a DVC metric)")
-    parser.add_argument("plots_dir", type=Path, help="written: pr/class<k>.csv, confusion.csv, overlays/")
+    parser.add_argument(
+        "plots_dir", type=Path, help="written: pr/class<k>.csv, confusion.csv, overlays/, maps/"
+    )
     parser.add_argument(
         "per_image_csv",
         type=Path,
         nargs="?",
         help="written: per-sample PQ, AJI, F1 … (default: <metrics_json stem>_per_image.csv beside it)",
+    )
+    parser.add_argument(
+        "--maps",
+        type=Path,
+        help="the maps stage's <sample>.npz of the split (data/maps/val): with a model with heads, "
+        "plots_dir/maps/ shows the overlaid samples' predicted centre and boundary maps against them "
+        "(without heads or --maps: maps/ stays empty)",
     )
     args = parser.parse_args(argv)
     params = load_params()
@@ -39,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         args.metrics_json,
         args.plots_dir,
         args.per_image_csv,
+        args.maps,
     )
     print(summary(evaluate_checkpoint(paths, params, select_device(params.train.device))))
 

@@ -1,5 +1,6 @@
 """The ``evaluate`` stage: its outputs and their schema, re-scoring them with pycocotools, the plot files on a
-hand-made case, all-or-nothing writes, and the stage script end to end on the tiny project."""
+hand-made case, the map comparisons of the worst samples, all-or-nothing writes, and the stage script end to
+end on the tiny project."""
 
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ from cellseg.checkpoint import load_trained_model
 from cellseg.evaluate import EvalPaths, evaluate_checkpoint, list_samples, write_evaluation
 from cellseg.fsutil import write_json
 from cellseg.instances import Instances
-from cellseg.io import DataFormatError, save_train_npz
+from cellseg.io import DataFormatError, load_npz, save_train_npz
 from cellseg.plots import save_overlay
+from cellseg.postproc import ProbMaps
 from cellseg.predict import predict_image
 from cellseg.rle import decode, to_coco_ground_truth
 from cellseg.scoring import load_labelled, score_predictions
@@ -92,7 +94,7 @@ def stage_run(tiny_project, tmp_path_factory) -> dict:
         write_json("thresholds.json", tuned)
         stage.main(
             [str(checkpoint), "thresholds.json", str(val_dir), "data/predictions", "metrics/eval.json"]
-            + ["plots/eval", "metrics/eval_per_image.csv"]
+            + ["plots/eval", "metrics/eval_per_image.csv", "--maps", str(tiny_project["maps"] / "val")]
         )
     paths = EvalPaths(
         checkpoint,
@@ -163,6 +165,8 @@ def test_stage_writes_every_output_with_its_schema(stage_run) -> None:
     worst = min(per_image[1:], key=lambda row: (row[3] == "", float(row[3] or 0), row[0]))[0]
     assert [p.name for p in overlays] == [f"{worst}.png"]  # the evaluate.n_overlays (1) of lowest PQ
     assert Image.open(overlays[0]).size[0] > 300
+    # --maps and a model with heads: the same sample's predicted vs target maps
+    assert [p.name for p in (paths.plots / "maps").iterdir()] == [f"{worst}.png"]
     assert "map_50_at_100" in stage_run["stdout"] and "class4" in stage_run["stdout"]
     assert "mpq_plus" in stage_run["stdout"] and "PQ per class" in stage_run["stdout"]
 
@@ -308,15 +312,128 @@ def test_overlay_counts_each_outcome(crafted, tmp_path: Path) -> None:
     assert Image.open(tmp_path / "o.png").format == "PNG"
 
 
+# ------------------------------------------------------------------------------------ maps of the worst samples
+def _worst_names(per_image_csv: Path, n: int) -> list[str]:
+    """The ``n`` samples of lowest PQ in a per-image CSV (no PQ last, ties by name), as overlays pick them."""
+    rows = _read_csv(per_image_csv)[1:]
+    return [r[0] for r in sorted(rows, key=lambda r: (r[3] == "", float(r[3] or 0), r[0]))[:n]]
+
+
+def test_map_comparisons_of_exactly_the_worst_samples(tiny_project, tmp_path: Path) -> None:
+    files = list_samples(tiny_project["prepared"] / "val")
+    assert len(files) >= 2, "the tiny validation split must hold a sample that is not among the worst"
+    params = tiny_params(evaluate__n_overlays=len(files) - 1)
+    paths = dataclasses.replace(
+        _paths(tmp_path, tiny_project["models"] / "best.pt", files[0].parent),
+        maps_dir=tiny_project["maps"] / "val",
+    )
+    evaluate_checkpoint(paths, params, CPU)
+
+    worst = _worst_names(paths.per_image_csv, len(files) - 1)
+    maps = sorted(p.name for p in (paths.plots / "maps").iterdir())
+    assert maps == sorted(f"{name}.png" for name in worst)
+    assert maps == sorted(p.name for p in (paths.plots / "overlays").iterdir())  # the same samples
+    for name in maps:
+        with Image.open(paths.plots / "maps" / name) as picture:
+            picture.verify()  # a whole, valid PNG
+        with Image.open(paths.plots / "maps" / name) as picture:
+            assert picture.format == "PNG" and picture.size[0] > 500  # five panels side by side
+    assert not [p for p in tmp_path.rglob(".*")]  # no temporary sibling left
+
+
+def _without_heads(checkpoint: Path, path: Path) -> Path:
+    """The checkpoint's detector alone: aux heads switched off in its params and their weights dropped."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state["params"]["aux"]["enabled"] = False
+    heads = ("center_head.", "boundary_head.")
+    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith(heads)}
+    torch.save(state, path)
+    return path
+
+
+def test_no_map_comparisons_without_heads(tiny_project, tmp_path: Path) -> None:
+    checkpoint = _without_heads(tiny_project["models"] / "best.pt", tmp_path / "plain.pt")
+    assert not load_trained_model(checkpoint, CPU)[0].has_aux
+    val_dir = tiny_project["prepared"] / "val"
+    paths = dataclasses.replace(_paths(tmp_path, checkpoint, val_dir), maps_dir=tiny_project["maps"] / "val")
+    evaluate_checkpoint(paths, tiny_params(), CPU)
+    assert len(list((paths.plots / "overlays").iterdir())) == 1  # the overlays are still drawn
+    assert list((paths.plots / "maps").iterdir()) == []  # an empty folder, so that DVC finds its output
+
+
+def _write_maps(folder: Path, name: str, center: np.ndarray, boundary: np.ndarray) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / f"{name}.npz", center=center, boundary=boundary)
+    return folder
+
+
+def test_map_comparison_draws_the_predicted_maps_against_the_stored_targets(
+    crafted, tmp_path: Path, monkeypatch
+) -> None:
+    """Two samples, one overlay: only the worst is predicted again and drawn, against its own target file."""
+    files, gt, pred = crafted
+    perfect = files[0].with_name("sample-0-perfect.npz")
+    shutil.copy(files[0], perfect)
+    rng = np.random.default_rng(0)
+    center = rng.random((H, W)).astype(np.float32)
+    boundary = (rng.random((H, W)) > 0.7).astype(np.uint8)  # as the maps stage stores it
+    maps_dir = _write_maps(tmp_path / "maps", "sample-a", center, boundary)
+    _write_maps(maps_dir, "sample-0-perfect", np.zeros((H, W), np.float32), np.zeros((H, W), np.uint8))
+    predicted = ProbMaps(np.full((H, W), 0.25, np.float32), np.full((H, W), 0.75, np.float32))
+    seen, drawn = [], []
+
+    def predict_maps(image: np.ndarray) -> ProbMaps:
+        seen.append(image)
+        return predicted
+
+    def record(path: Path, image, predicted_maps, target_maps, title: str) -> None:
+        drawn.append((path.name, predicted_maps, target_maps, title))
+        path.write_bytes(b"png")
+
+    monkeypatch.setattr(evaluate_module, "save_map_comparison", record)
+    scored = score_predictions(["sample-0-perfect", "sample-a"], [gt, gt], [gt, pred], 100)
+    paths = dataclasses.replace(
+        _paths(tmp_path / "out", tmp_path / "unused.pt", files[0].parent), maps_dir=maps_dir
+    )
+    write_evaluation(scored, [perfect, files[0]], paths, tiny_params(), predict_maps=predict_maps)
+
+    assert len(seen) == 1 and np.array_equal(seen[0], load_npz(files[0])["image"])
+    ((name, predicted_maps, target_maps, title),) = drawn
+    assert name == "sample-a.png" and title.startswith("sample-a")
+    assert predicted_maps[0] is predicted.center and predicted_maps[1] is predicted.boundary
+    np.testing.assert_array_equal(target_maps[0], center)
+    np.testing.assert_array_equal(target_maps[1], boundary.astype(np.float32))
+    assert [p.name for p in (paths.plots / "maps").iterdir()] == ["sample-a.png"]
+
+    # no maps folder given: nothing is predicted again, the folder is written empty
+    seen.clear()
+    write_evaluation(
+        scored,
+        [perfect, files[0]],
+        dataclasses.replace(paths, maps_dir=None),
+        tiny_params(),
+        predict_maps=predict_maps,
+    )
+    assert seen == [] and list((paths.plots / "maps").iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------------------- failures
 SENTINELS = (
     "predictions/old.txt",
     "plots/pr/old.txt",
     "plots/overlays/old.txt",
+    "plots/maps/old.txt",
     "plots/confusion.csv",
     "eval.json",
 )
 """Files of a previous run, relative to the output root of :func:`_paths`."""
+
+
+def _write_previous(paths: EvalPaths) -> None:
+    """The :data:`SENTINELS` of a previous run under the output root of :func:`_paths`."""
+    for name in SENTINELS:
+        (paths.metrics.parent / name).parent.mkdir(parents=True, exist_ok=True)
+        (paths.metrics.parent / name).write_text(f"previous {name}")
 
 
 def _assert_untouched(paths: EvalPaths, previous: bool) -> None:
@@ -358,9 +475,7 @@ def test_empty_validation_split_is_named(tiny_project, tmp_path: Path) -> None:
 def test_failure_while_writing_keeps_the_previous_outputs(crafted, tmp_path: Path, monkeypatch) -> None:
     files, gt, pred = crafted
     paths = _paths(tmp_path / "out", tmp_path / "unused.pt", files[0].parent)
-    for name in SENTINELS:
-        (tmp_path / "out" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "out" / name).write_text(f"previous {name}")
+    _write_previous(paths)
 
     def broken_overlay(path: Path, *args, **kwargs) -> None:
         path.write_bytes(b"half a png")
@@ -370,6 +485,20 @@ def test_failure_while_writing_keeps_the_previous_outputs(crafted, tmp_path: Pat
     scored = score_predictions(["sample-a"], [gt], [pred], 100)
     with pytest.raises(OSError, match="disk full"):
         write_evaluation(scored, files, paths, tiny_params())
+    _assert_untouched(paths, previous=True)
+
+
+def test_stale_target_maps_are_named_and_keep_the_previous_outputs(crafted, tmp_path: Path) -> None:
+    files, gt, pred = crafted
+    maps_dir = _write_maps(tmp_path / "maps", "sample-a", np.zeros((H, W + 1)), np.zeros((H, W + 1)))
+    paths = dataclasses.replace(
+        _paths(tmp_path / "out", tmp_path / "unused.pt", files[0].parent), maps_dir=maps_dir
+    )
+    _write_previous(paths)
+    scored = score_predictions(["sample-a"], [gt], [pred], 100)
+    maps = ProbMaps(np.zeros((H, W), np.float32), np.zeros((H, W), np.float32))
+    with pytest.raises(DataFormatError, match=re.escape(f"{maps_dir / 'sample-a.npz'}: 'center' map")):
+        write_evaluation(scored, files, paths, tiny_params(), predict_maps=lambda image: maps)
     _assert_untouched(paths, previous=True)
 
 

@@ -12,15 +12,20 @@ The stage (:func:`evaluate_checkpoint`) writes, all or nothing:
 - ``<per_image>``: one CSV row per sample (name, n_true, n_pred, pq, dq, sq, aji, aji_plus, dice2, precision,
   recall, f1);
 - ``<plots>/pr/class<k>.csv``, ``<plots>/confusion.csv`` (rendered by ``dvc plots``) and
-  ``<plots>/overlays/<sample>.png`` of the ``evaluate.n_overlays`` samples of lowest PQ.
+  ``<plots>/overlays/<sample>.png`` of the ``evaluate.n_overlays`` samples of lowest PQ;
+- ``<plots>/maps/<sample>.png`` of the same samples: the auxiliary heads' centre and boundary maps beside the
+  maps stage's targets (:func:`cellseg.plots.save_map_comparison`). The folder is always written; it stays
+  empty for a model without heads (``aux.enabled: false``) or when no maps folder is given.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cellseg import CLASS_NAMES
@@ -30,15 +35,22 @@ from cellseg.io import DataFormatError, load_npz
 from cellseg.metrics import confusion_matrix
 from cellseg.nuclei_metrics import SplitScores, per_image_csv
 from cellseg.params import Params
-from cellseg.plots import save_overlay, write_confusion, write_pr_curves
+from cellseg.plots import save_map_comparison, save_overlay, write_confusion, write_pr_curves
+from cellseg.postproc import ProbMaps
+from cellseg.predict import predict_image_maps
 from cellseg.rle import to_coco_results
 from cellseg.scoring import ScoredSplit, nuclei_scores, score_files
 
 RESULTS_FILE, IMAGES_FILE = "val-results.json", "val-images.json"
-PR_DIR, CONFUSION_FILE, OVERLAYS_DIR = "pr", "confusion.csv", "overlays"
+PR_DIR, CONFUSION_FILE, OVERLAYS_DIR, MAPS_DIR = "pr", "confusion.csv", "overlays", "maps"
 """Inside the plots directory: each is one output of the stage in dvc.yaml, replaced on its own."""
 MATCH_IOU = 0.5
 """Mask IoU at which the confusion matrix and the overlays count a match: the leaderboard's AP50 threshold."""
+MAP_KEYS = ("center", "boundary")
+"""The arrays of a maps-stage file (``cellseg.maps.write_maps``), at the prepared image's pixels."""
+
+MapPredictor = Callable[[np.ndarray], ProbMaps | None]
+"""The heads' maps of one image at its pixels, ``None`` for a model without heads (``predict_image_maps``)."""
 
 
 # ------------------------------------------------------------------------------------------ the evaluate stage
@@ -53,6 +65,9 @@ class EvalPaths:
     plots: Path
     per_image: Path | None = None
     """Per-image CSV; by default ``<metrics stem>_per_image.csv`` next to the metrics."""
+    maps_dir: Path | None = None
+    """The maps stage's targets of the split (``data/maps/val``), drawn against the predicted maps; none: no
+    map comparisons."""
 
     @property
     def per_image_csv(self) -> Path:
@@ -82,9 +97,17 @@ def coco_documents(scored: ScoredSplit) -> tuple[list[dict], list[dict]]:
 
 
 def write_evaluation(
-    scored: ScoredSplit, files: list[Path], paths: EvalPaths, params: Params, extra: dict | None = None
+    scored: ScoredSplit,
+    files: list[Path],
+    paths: EvalPaths,
+    params: Params,
+    extra: dict | None = None,
+    predict_maps: MapPredictor | None = None,
 ) -> dict:
     """Write the predictions, metrics and plots of ``scored`` (``files`` are its samples, for the overlays).
+
+    ``predict_maps`` gives the heads' maps of an image: with ``paths.maps_dir``, the overlaid samples' maps
+    are predicted again (only those few) and drawn against their targets in ``<plots>/maps``.
 
     Everything is computed and drawn into temporary siblings of the outputs first; they replace the outputs
     only when all of it succeeded, so a failure leaves the previous outputs (or none) in place. Only the
@@ -111,6 +134,9 @@ def write_evaluation(
         write_confusion(outputs.enter_context(atomic_file(paths.plots / CONFUSION_FILE)), matrix)
         overlays = outputs.enter_context(atomic_dir(paths.plots / OVERLAYS_DIR))
         write_overlays(overlays, scored, nuclei, files, params)
+        maps = outputs.enter_context(atomic_dir(paths.plots / MAPS_DIR))
+        if predict_maps is not None and paths.maps_dir is not None:
+            write_map_comparisons(maps, scored, nuclei, files, params, paths.maps_dir, predict_maps)
         outputs.enter_context(atomic_file(paths.per_image_csv)).write_text(
             per_image_csv(nuclei.per_image_rows())
         )
@@ -131,17 +157,63 @@ def write_overlays(
     """Overlay PNGs of the ``evaluate.n_overlays`` samples of lowest PQ, titled with their PQ."""
     for rank, i in enumerate(worst_by_pq(nuclei, params.evaluate.n_overlays), start=1):
         image = load_npz(files[i])["image"]  # its ground truth is already in ``scored``
-        pq = nuclei.images[i].all.pq
-        quality = "no nuclei, none predicted" if pq is None else f"PQ {pq:.3f}"
         save_overlay(
             folder / f"{scored.names[i]}.png",
             image,
             scored.ground_truth[i],
             scored.predictions[i],
-            f"{scored.names[i]}: {quality} (worst {rank} of {len(files)} by PQ)",
+            f"{scored.names[i]}: {_rank_text(nuclei, i, rank)}",
             params.evaluate.confusion_score_threshold,
             MATCH_IOU,
         )
+
+
+def write_map_comparisons(
+    folder: Path,
+    scored: ScoredSplit,
+    nuclei: SplitScores,
+    files: list[Path],
+    params: Params,
+    maps_dir: Path,
+    predict_maps: MapPredictor,
+) -> None:
+    """Predicted vs target centre and boundary maps of the samples that get overlays; none without heads."""
+    for rank, i in enumerate(worst_by_pq(nuclei, params.evaluate.n_overlays), start=1):
+        image = load_npz(files[i])["image"]
+        predicted = predict_maps(image)
+        if predicted is None:  # no heads: the same for every image
+            return
+        target = load_target_maps(Path(maps_dir) / files[i].name, image.shape[:2])
+        save_map_comparison(
+            folder / f"{scored.names[i]}.png",
+            image,
+            (predicted.center, predicted.boundary),
+            (target.center, target.boundary),
+            f"{scored.names[i]}, predicted vs target maps: {_rank_text(nuclei, i, rank)}",
+        )
+
+
+def load_target_maps(path: Path, shape: tuple[int, int]) -> ProbMaps:
+    """The maps stage's centre and boundary of one sample as float32 maps, checked to be of the image's size.
+
+    The maps stage draws them on the prepared image's pixels, where ``predict_image_maps`` gives the heads'
+    maps too, so no resampling is needed; a size mismatch means the maps are stale.
+    """
+    arrays = load_npz(path)
+    for key in MAP_KEYS:
+        if key not in arrays or arrays[key].shape != tuple(shape):
+            found = arrays[key].shape if key in arrays else "missing"
+            raise DataFormatError(
+                f"{path}: '{key}' map {found}, the image is {tuple(shape)} (rerun the maps stage)"
+            )
+    return ProbMaps(*(arrays[key].astype(np.float32) for key in MAP_KEYS))
+
+
+def _rank_text(nuclei: SplitScores, i: int, rank: int) -> str:
+    """Sample ``i``'s PQ and its rank among the worst, for the titles of its pictures."""
+    pq = nuclei.images[i].all.pq
+    quality = "no nuclei, none predicted" if pq is None else f"PQ {pq:.3f}"
+    return f"{quality} (worst {rank} of {len(nuclei.names)} by PQ)"
 
 
 def evaluate_checkpoint(paths: EvalPaths, params: Params, device: torch.device) -> dict:
@@ -149,7 +221,12 @@ def evaluate_checkpoint(paths: EvalPaths, params: Params, device: torch.device) 
     files = list_samples(paths.val_dir)
     model, state = load_trained_model(paths.checkpoint, device)
     scored = score_files(model, files, params, device, desc="evaluate val", postproc=params.postproc)
-    return write_evaluation(scored, files, paths, params, {"checkpoint_epoch": int(state["epoch"]) + 1})
+
+    def predict_maps(image: np.ndarray) -> ProbMaps | None:
+        return predict_image_maps(model, image, params.predict, device)[1] if model.has_aux else None
+
+    extra = {"checkpoint_epoch": int(state["epoch"]) + 1}
+    return write_evaluation(scored, files, paths, params, extra, predict_maps)
 
 
 def summary(metrics: dict) -> str:
