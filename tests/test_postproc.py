@@ -119,8 +119,10 @@ def test_a_covered_or_weak_peak_is_not_recovered() -> None:
     maps = _truth_maps([LEFT, RIGHT, FAR])
     found = _instances([_disc(LEFT), _disc(RIGHT), _disc(FAR)], [1, 1, 1], [0.9, 0.8, 0.7])
     assert len(refine(found, maps, _params(recover=True))) == 3
-    weak = ProbMaps(maps.center * 0.6, maps.boundary)  # peaks 0.6 < recover_threshold 0.7
-    assert len(refine(found.select([0, 1]), weak, _params(recover=True))) == 2
+    weak = ProbMaps(maps.center * 0.6, maps.boundary)  # peaks 0.6: centres (> 0.5), but below 0.7
+    strict = _params(recover=True, recover_threshold=0.7)
+    assert len(refine(found.select([0, 1]), weak, strict)) == 2
+    assert len(refine(found.select([0, 1]), weak, _params(recover=True))) == 3  # ratio 1: every peak counts
 
 
 # --------------------------------------------------------------------------------------------------- rescore
@@ -196,9 +198,15 @@ def test_maps_of_another_size_are_refused() -> None:
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("postproc.peak_threshold", 1.5), ("postproc.recover_class", 0), ("postproc.rescore_weight", -0.1)],
+    [
+        ("postproc.peak_threshold", 1.5),
+        ("postproc.recover_class", 0),
+        ("postproc.rescore_weight", -0.1),
+        ("postproc.tune_peak_grid", []),
+        ("postproc.tune_peak_grid", [0.2, 1.0]),
+    ],
 )
-def test_bad_postproc_params_name_the_key(key: str, value: float) -> None:
+def test_bad_postproc_params_name_the_key(key: str, value: object) -> None:
     with pytest.raises(ParamsError, match=key):
         tiny_params(**{key.replace(".", "__"): value})
 

@@ -31,6 +31,9 @@ class ParamsError(CellsegError, ValueError):
     """A parameter is missing, unknown, of the wrong type or out of range."""
 
 
+_BELOW_ONE = math.nextafter(1.0, 0.0)  # the largest float below 1
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ParamsError(message)
@@ -264,9 +267,14 @@ class PredictParams:
 @dataclass(frozen=True)
 class PostprocParams:
     """Map-guided post-processing (``cellseg.postproc``): each step on its own switch; a model without the
-    auxiliary heads gives no maps, and then every step is skipped."""
+    auxiliary heads gives no maps, and then every step is skipped.
+
+    With steps on and a model with heads, the ``tune`` stage picks ``peak_threshold`` from ``tune_peak_grid``
+    by validation PQ; ``recover_threshold`` then keeps its ratio to it (:meth:`at_peak_threshold`).
+    """
 
     peak_threshold: float
+    tune_peak_grid: list[float]
     peak_min_distance: int
     boundary_threshold: float
     min_area: int
@@ -284,6 +292,11 @@ class PostprocParams:
     def __post_init__(self) -> None:
         for key in ("peak_threshold", "boundary_threshold", "recover_threshold"):
             _check(0.0 < getattr(self, key) < 1.0, f"postproc.{key} must be a probability in (0, 1)")
+        _check(len(self.tune_peak_grid) >= 1, "postproc.tune_peak_grid needs at least one value")
+        _check(
+            all(0.0 < v < 1.0 for v in self.tune_peak_grid),
+            "postproc.tune_peak_grid values must be in (0, 1)",
+        )
         _check(self.peak_min_distance >= 1, "postproc.peak_min_distance must be >= 1 (px)")
         _check(self.min_area >= 1, "postproc.min_area must be >= 1 (px)")
         _check(self.recover_radius >= 1, "postproc.recover_radius must be >= 1 (px)")
@@ -295,6 +308,21 @@ class PostprocParams:
     @property
     def any_step(self) -> bool:
         return self.split or self.trim or self.recover or self.rescore
+
+    def at_peak_threshold(self, peak_threshold: float) -> PostprocParams:
+        """These params with another (tuned) ``peak_threshold``; ``recover_threshold`` keeps its ratio to it.
+
+        A trained head's centre probabilities sit well below 1 and shift with the training, so a recovery
+        threshold fixed in probability would drift against the tuned peaks: it scales with them instead,
+        ``recover_threshold × peak_threshold / self.peak_threshold``, capped at the largest float below 1 (the
+        params allow (0, 1)). At the default ratio 1 every uncovered peak is a recovery candidate.
+        """
+        if peak_threshold == self.peak_threshold:
+            return self
+        recover = peak_threshold * (self.recover_threshold / self.peak_threshold)  # ratio 1: exactly the peak
+        return dataclasses.replace(
+            self, peak_threshold=peak_threshold, recover_threshold=min(recover, _BELOW_ONE)
+        )
 
 
 @dataclass(frozen=True)
