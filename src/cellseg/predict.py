@@ -165,18 +165,29 @@ def predict_image_maps(
     postproc: PostprocParams | None = None,
 ) -> tuple[Instances, ProbMaps | None]:
     """:func:`predict_image` and the heads' maps at the image's pixels (``None`` without heads)."""
+    inst, maps = detect_image(model, image, params, device)
+    return _finish(inst, maps, params, postproc), maps
+
+
+def detect_image(
+    model: CellMaskRCNN, image: np.ndarray, params: PredictParams, device: torch.device | str = "cpu"
+) -> tuple[Instances, ProbMaps | None]:
+    """One image's detections (tiles merged) and maps, before the map-guided steps and :func:`postprocess`.
+
+    ``postprocess(refine(inst, maps, postproc), params)`` of its result is :func:`predict_image_maps`'s: the
+    tune stage runs the model once and tries several ``postproc`` params on the same detections.
+    """
     device = torch.device(device)
     if not _is_tiled(image, params):
         ((inst, maps),) = _detect(model, [image], device, params)
-        return _finish(inst, maps, params, postproc), maps
+        return inst, maps
     height, width = image.shape[:2]
     windows = tile_windows(height, width, params.tile_size, params.tile_overlap)
     tiles = [image[w.y0 : w.y0 + w.height, w.x0 : w.x0 + w.width] for w in windows]
     found = _detect(model, tiles, device, params)
     tile_maps = [(maps, w.y0, w.x0) for (_, maps), w in zip(found, windows, strict=True)]
     maps = stitch_maps(tile_maps, height, width) if tile_maps[0][0] is not None else None
-    merged = merge_tiles([inst for inst, _ in found], windows, height, width)
-    return _finish(merged, maps, params, postproc), maps
+    return merge_tiles([inst for inst, _ in found], windows, height, width), maps
 
 
 def predict_images(
