@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,8 +12,12 @@ import torch
 
 from cellseg.fsutil import write_json
 from cellseg.io import DataFormatError, save_train_npz
-from cellseg.thresholds import tune_thresholds, tuned_predict_params, untuned
-from conftest import tiny_params
+from cellseg.maps import center_map
+from cellseg.nuclei_metrics import score_split
+from cellseg.predict import predict_image
+from cellseg.scoring import load_labelled
+from cellseg.thresholds import tune_thresholds, tuned_postproc_params, tuned_predict_params, untuned
+from conftest import disk_labels, tiny_params
 from test_predict import Oracle, paint_cells
 
 
@@ -82,3 +87,156 @@ def test_a_missing_or_broken_thresholds_file_is_named(tmp_path: Path, content: s
         path.write_text(content)
     with pytest.raises(DataFormatError, match="thresholds.json"):
         tuned_predict_params(tiny_params().predict, path)
+
+
+# ----------------------------------------------------------------------------------- the centre-peak threshold
+PAIRS = [((16, 14), (16, 27)), ((40, 48), (40, 61)), ((9, 70), (22, 70))]  # touching discs of radius 6
+WEAK_PEAK = 0.25  # a trained head's centre probabilities peak about there (CoNSeP)
+
+
+class WeakHeadsOracle(Oracle):
+    """The oracle with auxiliary heads: its centre map is the green channel (peaks of 0.25), its boundary
+    map empty. The images paint each touching pair of cells with one id, so it detects them as one."""
+
+    has_aux = True
+
+    def detect(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        return [
+            {**det, "center": im[1].clone(), "boundary": torch.zeros_like(im[1])}
+            for det, im in zip(super().detect(images), images, strict=True)
+        ]
+
+
+def _merged_pairs_val(folder: Path, n: int = 2) -> list[Path]:
+    """``n`` images of touching pairs, each pair one detection of the oracle but two cells in the truth."""
+    folder.mkdir()
+    files = []
+    for i in range(n):
+        shape = (56, 80)
+        truth = np.zeros((4, *shape), np.int32)
+        image = np.zeros((*shape, 3), np.uint8)
+        for pair, (a, b) in enumerate(PAIRS, start=1):
+            cells = disk_labels(shape, [a, b], 6, first_id=2 * pair - 1).astype(np.int32)
+            truth[pair % 4] += cells  # the oracle's class of detection ``pair``: pair % 4 + 1
+            image[..., 0] = np.where(cells > 0, pair, image[..., 0])
+            image[..., 2] = np.where(cells > 0, 255, image[..., 2])
+        image[..., 1] = np.round(center_map(truth, sigma=2.0) * WEAK_PEAK * 255).astype(np.uint8)
+        save_train_npz(folder / f"pairs-{i}.npz", image, truth)
+        files.append(folder / f"pairs-{i}.npz")
+    return files
+
+
+def _split_on(**extra):
+    params = tiny_params(
+        **{
+            "predict__tune_score_grid": [0.3, 0.5],
+            "predict__tune_mask_grid": [0.4, 0.6],
+            "predict__tile_size": 1024,
+            "postproc__split": True,
+            **extra,
+        }
+    )
+    return params.predict, params.postproc
+
+
+def test_with_a_step_on_and_heads_the_peak_threshold_is_tuned(tmp_path: Path) -> None:
+    """At 0.5 no weak peak counts and each merged pair stays one cell (PQ 0); at 0.1 or 0.2 it is split."""
+    predict, postproc = _split_on()
+    files = _merged_pairs_val(tmp_path / "val")
+    model = WeakHeadsOracle()
+    tuned = tune_thresholds(model, files, predict, torch.device("cpu"), postproc)
+    assert tuned["tuned"] and tuned["peak_threshold"] == 0.1  # the first of the equal best rows
+    assert len(model.batches) == len(predict.tune_mask_grid) * len(files)  # once per mask threshold
+    combos = [
+        (row["mask_threshold"], row["peak_threshold"], row["label_score_threshold"]) for row in tuned["tried"]
+    ]
+    assert sorted(combos) == sorted(
+        (m, p, s)
+        for m in predict.tune_mask_grid
+        for p in postproc.tune_peak_grid
+        for s in predict.tune_score_grid
+    )
+    pq = {
+        (r["mask_threshold"], r["peak_threshold"], r["label_score_threshold"]): r["pq"]
+        for r in tuned["tried"]
+    }
+    assert pq[(0.4, 0.1, 0.3)] > 0.8 and pq[(0.4, 0.5, 0.3)] == 0.0 and pq[(0.4, 0.3, 0.3)] == 0.0
+    assert tuned["val_pq"] == max(pq.values())
+
+
+def test_the_tuned_file_reproduces_its_validation_pq(tmp_path: Path) -> None:
+    """Predicting as evaluate does, with the stored thresholds, gives the PQ the tune stage recorded."""
+    predict, postproc = _split_on()
+    files = _merged_pairs_val(tmp_path / "val")
+    model = WeakHeadsOracle()
+    path = tmp_path / "thresholds.json"
+    write_json(path, tune_thresholds(model, files, predict, torch.device("cpu"), postproc))
+    run, steps = tuned_predict_params(predict, path), tuned_postproc_params(postproc, path)
+    assert steps.peak_threshold == 0.1
+    samples = [load_labelled(f) for f in files]
+    predictions = [predict_image(model, image, run, "cpu", steps) for image, _ in samples]
+    scores = score_split(
+        [f.stem for f in files], [gt for _, gt in samples], predictions, run.label_score_threshold
+    )
+    assert scores.metrics["pq"] == pytest.approx(json.loads(path.read_text())["val_pq"])
+
+
+@pytest.mark.parametrize("case", ["steps off", "no heads"])
+def test_without_steps_or_heads_the_params_peak_is_stored_at_no_cost(tmp_path: Path, case: str) -> None:
+    predict, postproc = _split_on(postproc__split=case == "no heads", postproc__peak_threshold=0.3)
+    files = _merged_pairs_val(tmp_path / "val")
+    model = WeakHeadsOracle() if case == "steps off" else Oracle()
+    tuned = tune_thresholds(model, files, predict, torch.device("cpu"), postproc)
+    assert tuned["peak_threshold"] == 0.3
+    assert len(tuned["tried"]) == len(predict.tune_mask_grid) * len(predict.tune_score_grid)
+    assert {row["peak_threshold"] for row in tuned["tried"]} == {0.3}
+    assert len(model.batches) == len(predict.tune_mask_grid) * len(files)
+
+
+def test_without_tuning_the_params_peak_is_stored(tmp_path: Path) -> None:
+    predict, postproc = _split_on(predict__tune_thresholds=False, postproc__peak_threshold=0.3)
+    stored = tune_thresholds(WeakHeadsOracle(), [], predict, torch.device("cpu"), postproc)
+    assert stored == {**untuned(predict), "peak_threshold": 0.3}
+
+
+def test_stages_read_the_stored_peak_and_scale_the_recovery_threshold(tmp_path: Path) -> None:
+    postproc = dataclasses.replace(tiny_params().postproc, peak_threshold=0.5, recover_threshold=0.6)
+    path = tmp_path / "thresholds.json"
+    write_json(path, {**untuned(tiny_params().predict), "peak_threshold": 0.2})
+    tuned = tuned_postproc_params(postproc, path)
+    assert tuned.peak_threshold == 0.2 and tuned.recover_threshold == pytest.approx(0.24)
+    assert dataclasses.replace(tuned, peak_threshold=0.5, recover_threshold=0.6) == postproc  # nothing else
+    assert tuned_postproc_params(postproc, None) == postproc
+    same_ratio = dataclasses.replace(postproc, recover_threshold=0.5)
+    assert tuned_postproc_params(same_ratio, path).recover_threshold == 0.2  # ratio 1: exactly the peak
+
+
+def test_a_scaled_recovery_threshold_stays_below_one() -> None:
+    postproc = dataclasses.replace(tiny_params().postproc, peak_threshold=0.2, recover_threshold=0.9)
+    scaled = postproc.at_peak_threshold(0.5)
+    assert 0.99 < scaled.recover_threshold < 1.0
+
+
+def test_a_file_without_a_peak_keeps_the_params(tmp_path: Path) -> None:
+    """A thresholds file written before the peak was tuned still works."""
+    postproc = tiny_params().postproc
+    path = tmp_path / "thresholds.json"
+    write_json(path, {"tuned": True, "label_score_threshold": 0.4, "mask_threshold": 0.5})
+    assert tuned_postproc_params(postproc, path) == postproc
+
+
+@pytest.mark.parametrize("value", ["high", None, 0.0, 1.5, [0.2]])
+def test_a_malformed_peak_is_named(tmp_path: Path, value: object) -> None:
+    path = tmp_path / "thresholds.json"
+    write_json(path, {**untuned(tiny_params().predict), "peak_threshold": value})
+    with pytest.raises(DataFormatError, match=r"thresholds\.json.*peak_threshold"):
+        tuned_postproc_params(tiny_params().postproc, path)
+
+
+@pytest.mark.parametrize("content", [None, "not json", "[0.2]"])
+def test_a_missing_or_broken_file_is_named_for_the_postproc_too(tmp_path: Path, content: str | None) -> None:
+    path = tmp_path / "thresholds.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(DataFormatError, match="thresholds.json"):
+        tuned_postproc_params(tiny_params().postproc, path)

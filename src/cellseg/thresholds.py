@@ -1,17 +1,29 @@
-"""Score and mask thresholds tuned on the validation split after training, stored next to the checkpoint.
+"""Score, mask and centre-peak thresholds tuned on the validation split after training, stored next to the checkpoint.
 
 COCO AP ranks every detection, so it wants all of them; a label map (PQ, AJI, a pathologist's counts) keeps only
 those above a score threshold, and the best threshold depends on the model, the data and the epoch. As
 StarDist does with its ``thresholds.json``, the ``tune`` stage predicts the validation split once per mask
 threshold of ``predict.tune_mask_grid``, scores the label maps at every score threshold of
-``predict.tune_score_grid`` and keeps the pair with the highest PQ (the first one on a tie). ``evaluate``,
-``submit`` and ``stages/predict.py`` then read ``models/thresholds.json`` through :func:`tuned_predict_params`:
+``predict.tune_score_grid`` and keeps the pair with the highest PQ (the first one on a tie).
+
+The map-guided steps (``cellseg.postproc``) find centre peaks above ``postproc.peak_threshold``, a centre
+probability, and how high a trained head's centre probabilities reach depends on the training too (about 0.25
+on consep-dev after 6 epochs, where the default 0.5 finds no peak at all). So when a step is on and the model has
+the heads, every value of ``postproc.tune_peak_grid`` is tried on the same predictions (the model runs once per
+mask threshold; only the cheap steps rerun) and the best (score, mask, peak) triple is kept.
+
+``evaluate``, ``submit`` and ``stages/predict.py`` then read ``models/thresholds.json`` through
+:func:`tuned_predict_params` and :func:`tuned_postproc_params`:
 
 - ``mask_threshold`` applies everywhere (the masks of the COCO results too);
 - ``label_score_threshold`` applies to label maps and PQ-type figures; COCO results keep every detection above
-  ``predict.score_threshold``, since dropping low-scored detections can only lower AP.
+  ``predict.score_threshold``, since dropping low-scored detections can only lower AP;
+- ``peak_threshold`` applies to the map-guided steps, and ``postproc.recover_threshold`` keeps its ratio to it
+  (:meth:`cellseg.params.PostprocParams.at_peak_threshold`).
 
-With ``predict.tune_thresholds: false`` the file holds the params' own values, so the pipeline has one path.
+With ``predict.tune_thresholds: false`` the file holds the params' own values, and without a step on or without
+heads its ``peak_threshold`` is the params' own, so the pipeline has one path. A file without
+``peak_threshold`` (written before it was tuned) keeps the params' peak and recovery thresholds.
 """
 
 from __future__ import annotations
@@ -23,20 +35,36 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from cellseg.instances import Instances
 from cellseg.io import DataFormatError
 from cellseg.model import CellMaskRCNN
 from cellseg.nuclei_metrics import score_split
 from cellseg.params import PostprocParams, PredictParams
-from cellseg.predict import predict_image
+from cellseg.postproc import refine
+from cellseg.predict import detect_image, postprocess, predict_image
 from cellseg.scoring import load_labelled
 
 THRESHOLDS_FILE = "thresholds.json"
 TUNED_KEYS = ("label_score_threshold", "mask_threshold")
+PEAK_KEY = "peak_threshold"  # postproc.peak_threshold: stored always, tuned only with a step on and heads
 
 
-def untuned(params: PredictParams) -> dict:
+def untuned(params: PredictParams, postproc: PostprocParams | None = None) -> dict:
     """The thresholds file of a run that does not tune: the params' own values."""
-    return {"tuned": False, **{key: getattr(params, key) for key in TUNED_KEYS}}
+    stored = {"tuned": False, **{key: getattr(params, key) for key in TUNED_KEYS}}
+    if postproc is not None:
+        stored[PEAK_KEY] = postproc.peak_threshold
+    return stored
+
+
+def tunes_peaks(model: CellMaskRCNN, params: PredictParams, postproc: PostprocParams | None) -> bool:
+    """Whether :func:`tune_thresholds` tries ``postproc.tune_peak_grid``: tuning, a step on, a model with heads."""
+    return (
+        params.tune_thresholds
+        and postproc is not None
+        and postproc.any_step
+        and bool(getattr(model, "has_aux", False))
+    )
 
 
 def tune_thresholds(
@@ -47,40 +75,68 @@ def tune_thresholds(
     postproc: PostprocParams | None = None,
 ) -> dict:
     """The (score, mask) threshold pair of the grids with the highest validation PQ, and every pair's PQ
-    (predictions post-processed with ``postproc`` as ``evaluate`` and ``submit`` do)."""
+    (predictions post-processed with ``postproc`` as ``evaluate`` and ``submit`` do).
+
+    With :func:`tunes_peaks`, the (score, mask, peak) triple: each mask threshold's predictions are refined
+    with every ``postproc.tune_peak_grid`` value. Otherwise ``peak_threshold`` is ``postproc``'s own (absent
+    without ``postproc``) and the model runs exactly as often as before.
+    """
     if not params.tune_thresholds:
-        return untuned(params)
+        return untuned(params, postproc)
     samples = [load_labelled(path) for path in files]
     names = [path.stem for path in files]
     truths = [gt for _, gt in samples]
     tried = []
-    for mask_threshold in params.tune_mask_grid:
-        run = dataclasses.replace(params, mask_threshold=mask_threshold)
-        predictions = [
-            predict_image(model, image, run, device, postproc)
-            for image, _ in tqdm(samples, desc=f"tune: masks > {mask_threshold}", unit="img", leave=False)
-        ]
+
+    def score_all(predictions: list[Instances], mask_threshold: float, peak: float | None) -> None:
         for score_threshold in params.tune_score_grid:
             metrics = score_split(
                 names, truths, predictions, score_threshold, params.min_kept_fraction
             ).metrics
-            tried.append(
-                {
-                    "label_score_threshold": score_threshold,
-                    "mask_threshold": mask_threshold,
-                    "pq": metrics["pq"],
-                    "f1": metrics["f1"],
-                }
+            row = {"label_score_threshold": score_threshold, "mask_threshold": mask_threshold}
+            if peak is not None:
+                row[PEAK_KEY] = peak
+            tried.append({**row, "pq": metrics["pq"], "f1": metrics["f1"]})
+
+    for mask_threshold in params.tune_mask_grid:
+        run = dataclasses.replace(params, mask_threshold=mask_threshold)
+        images = tqdm(samples, desc=f"tune: masks > {mask_threshold}", unit="img", leave=False)
+        if not tunes_peaks(model, params, postproc):
+            predictions = [predict_image(model, image, run, device, postproc) for image, _ in images]
+            score_all(predictions, mask_threshold, None if postproc is None else postproc.peak_threshold)
+            continue
+        # The model runs once; each peak threshold reruns only the map-guided steps on the same detections.
+        # postprocess(refine(...)) is exactly what predict_image does with those postproc params.
+        found = [detect_image(model, image, run, device) for image, _ in images]
+        for peak in postproc.tune_peak_grid:
+            steps = postproc.at_peak_threshold(peak)
+            score_all(
+                [postprocess(refine(inst, maps, steps), run) for inst, maps in found], mask_threshold, peak
             )
     best = max(tried, key=lambda row: row["pq"])  # max keeps the first of equal rows
     return {
         "tuned": True,
-        "label_score_threshold": best["label_score_threshold"],
-        "mask_threshold": best["mask_threshold"],
+        **{key: best[key] for key in (*TUNED_KEYS, PEAK_KEY) if key in best},
         "val_pq": best["pq"],
         "val_images": len(files),
         "tried": tried,
     }
+
+
+def _read_thresholds(path: Path) -> dict:
+    if not path.is_file():
+        raise DataFormatError(f"{path}: no thresholds file (run the tune stage: dvc repro tune)")
+    try:
+        stored = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise _not_a_thresholds_file(path, err) from None
+    if not isinstance(stored, dict):
+        raise _not_a_thresholds_file(path, f"a {type(stored).__name__}, not a mapping")
+    return stored
+
+
+def _not_a_thresholds_file(path: Path, why: object) -> DataFormatError:
+    return DataFormatError(f"{path}: not a thresholds file ({why}); rerun the tune stage or delete the file")
 
 
 def tuned_predict_params(params: PredictParams, thresholds_path: str | Path | None) -> PredictParams:
@@ -88,13 +144,27 @@ def tuned_predict_params(params: PredictParams, thresholds_path: str | Path | No
     if thresholds_path is None:
         return params
     path = Path(thresholds_path)
-    if not path.is_file():
-        raise DataFormatError(f"{path}: no thresholds file (run the tune stage: dvc repro tune)")
+    stored = _read_thresholds(path)
     try:
-        stored = json.loads(path.read_text())
         values = {key: float(stored[key]) for key in TUNED_KEYS}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise DataFormatError(
-            f"{path}: not a thresholds file ({err}); rerun the tune stage or delete the file"
-        ) from None
+    except (KeyError, TypeError, ValueError) as err:
+        raise _not_a_thresholds_file(path, err) from None
     return dataclasses.replace(params, **values)
+
+
+def tuned_postproc_params(postproc: PostprocParams, thresholds_path: str | Path | None) -> PostprocParams:
+    """``postproc`` at the peak threshold stored in ``thresholds_path``, ``recover_threshold`` scaled with it
+    (``None``, or a file without ``peak_threshold``: the params' own values)."""
+    if thresholds_path is None:
+        return postproc
+    path = Path(thresholds_path)
+    stored = _read_thresholds(path)
+    if PEAK_KEY not in stored:
+        return postproc
+    try:
+        peak = float(stored[PEAK_KEY])
+    except (TypeError, ValueError) as err:
+        raise _not_a_thresholds_file(path, f"{PEAK_KEY}: {err}") from None
+    if not 0.0 < peak < 1.0:
+        raise _not_a_thresholds_file(path, f"{PEAK_KEY} {peak!r} is not a probability in (0, 1)")
+    return postproc.at_peak_threshold(peak)
