@@ -1,5 +1,7 @@
 """Stage `evaluate`: the best checkpoint on the validation split -> COCO predictions, metrics/eval.json, plots.
 
+The tune stage's thresholds file gives the score, mask and centre-peak thresholds (``cellseg.thresholds``).
+
 Usage: python stages/evaluate.py <checkpoint> <thresholds_json> <val_dir> <predictions_dir> <metrics_json>
        <plots_dir> [<per_image_csv>] [--maps <maps_val_dir>]
 """
@@ -12,13 +14,17 @@ from cellseg.cli import run
 from cellseg.device import select_device
 from cellseg.evaluate import EvalPaths, evaluate_checkpoint, summary
 from cellseg.params import load_params
-from cellseg.thresholds import tuned_predict_params
+from cellseg.thresholds import tuned_postproc_params, tuned_predict_params
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, help="models/best.pt of the train stage")
-    parser.add_argument("thresholds", type=Path, help="models/thresholds.json of the tune stage")
+    parser.add_argument(
+        "thresholds",
+        type=Path,
+        help="models/thresholds.json of the tune stage (score, mask, peak thresholds)",
+    )
     parser.add_argument("val_dir", type=Path, help="prepared validation samples, <sample>.npz")
     parser.add_argument("predictions_dir", type=Path, help="written: val-results.json, val-images.json")
     parser.add_argument("metrics_json", type=Path, help="written: the metrics (a DVC metric)")
@@ -40,7 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     params = load_params()
-    params = dataclasses.replace(params, predict=tuned_predict_params(params.predict, args.thresholds))
+    params = dataclasses.replace(
+        params,
+        predict=tuned_predict_params(params.predict, args.thresholds),
+        postproc=tuned_postproc_params(params.postproc, args.thresholds),
+    )
     paths = EvalPaths(
         args.checkpoint,
         args.val_dir,

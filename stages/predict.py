@@ -1,7 +1,8 @@
 """Predict any folder of images: <out>/<stem>/class1.tif..class4.tif, instance label maps as in the raw data.
 
 Usage: python stages/predict.py <checkpoint> <image_folder> <out_dir> [--maps png|npz]
-Reads the `predict` and `postproc` settings (and `train.device`) from params.yaml in the working directory.
+Reads the `predict` and `postproc` settings (and `train.device`) from params.yaml in the working directory; the
+tune stage's thresholds file, when there is one, replaces their score, mask and centre-peak thresholds.
 """
 
 import argparse
@@ -13,7 +14,7 @@ from cellseg.cli import run
 from cellseg.device import select_device
 from cellseg.params import load_params
 from cellseg.predict_folder import IMAGE_SUFFIXES, MAPS_FORMATS, predict_folder
-from cellseg.thresholds import THRESHOLDS_FILE, tuned_predict_params
+from cellseg.thresholds import THRESHOLDS_FILE, tuned_postproc_params, tuned_predict_params
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,7 +26,8 @@ def main(argv: list[str] | None = None) -> None:
         "--thresholds",
         type=Path,
         help="tuned thresholds (default: thresholds.json next to the checkpoint, if there is one; "
-        "otherwise predict.label_score_threshold and predict.mask_threshold of params.yaml)",
+        "otherwise predict.label_score_threshold, predict.mask_threshold and postproc.peak_threshold of "
+        "params.yaml)",
     )
     parser.add_argument(
         "--maps",
@@ -40,13 +42,13 @@ def main(argv: list[str] | None = None) -> None:
     if thresholds is None and (Path(args.checkpoint).parent / THRESHOLDS_FILE).is_file():
         thresholds = Path(args.checkpoint).parent / THRESHOLDS_FILE
     predict = tuned_predict_params(params.predict, thresholds)
+    postproc = tuned_postproc_params(params.postproc, thresholds)
+    peaks = f", centre peaks > {postproc.peak_threshold}" if postproc.any_step else ""
     print(
-        f"thresholds: score >= {predict.label_score_threshold}, mask > {predict.mask_threshold} "
+        f"thresholds: score >= {predict.label_score_threshold}, mask > {predict.mask_threshold}{peaks} "
         f"({thresholds or 'params.yaml'})"
     )
-    counts = predict_folder(
-        model, args.image_folder, args.out_dir, predict, device, params.postproc, args.maps
-    )
+    counts = predict_folder(model, args.image_folder, args.out_dir, predict, device, postproc, args.maps)
     print(json.dumps(counts, indent=2))
 
 

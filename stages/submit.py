@@ -1,5 +1,8 @@
 """Stage `submit`: the checkpoint predicts every prepared test image -> test-results.json and submission.zip.
 
+The tune stage's thresholds file gives the mask and centre-peak thresholds (``cellseg.thresholds``); COCO
+results keep every detection above ``predict.score_threshold``.
+
 Usage: python stages/submit.py <checkpoint> <thresholds_json> <prepared_test_dir> <out_dir>
 """
 
@@ -11,13 +14,15 @@ from cellseg.cli import run
 from cellseg.device import select_device
 from cellseg.params import load_params
 from cellseg.submit import submit
-from cellseg.thresholds import tuned_predict_params
+from cellseg.thresholds import tuned_postproc_params, tuned_predict_params
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="models/best.pt")
-    parser.add_argument("thresholds", help="models/thresholds.json of the tune stage (its mask threshold)")
+    parser.add_argument(
+        "thresholds", help="models/thresholds.json of the tune stage (its mask and peak thresholds)"
+    )
     parser.add_argument("test_dir", help="prepared test images: <name>.npz with 'image' and 'image_id'")
     parser.add_argument("out_dir", help="written: test-results.json and submission.zip")
     args = parser.parse_args(argv)
@@ -25,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     device = select_device(params.train.device)
     model, _ = load_trained_model(args.checkpoint, device)
     predict = tuned_predict_params(params.predict, args.thresholds)
-    summary = submit(model, args.test_dir, args.out_dir, predict, device, params.postproc)
+    postproc = tuned_postproc_params(params.postproc, args.thresholds)
+    summary = submit(model, args.test_dir, args.out_dir, predict, device, postproc)
     print(json.dumps(summary, indent=2))
 
 

@@ -1,4 +1,7 @@
-"""Stage `tune`: score and mask thresholds chosen by validation PQ -> models/thresholds.json.
+"""Stage `tune`: score, mask and centre-peak thresholds chosen by validation PQ -> models/thresholds.json.
+
+The peak threshold is tuned only with a map-guided step on (``postproc.*``) and a model with heads; otherwise
+the file holds ``postproc.peak_threshold`` (``cellseg.thresholds``).
 
 Usage: python stages/tune.py <checkpoint> <val_dir> <thresholds_json>
 """

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from cellseg.fsutil import write_json
 from cellseg.io import DataFormatError, save_train_npz
@@ -17,7 +19,7 @@ from cellseg.nuclei_metrics import score_split
 from cellseg.predict import predict_image
 from cellseg.scoring import load_labelled
 from cellseg.thresholds import tune_thresholds, tuned_postproc_params, tuned_predict_params, untuned
-from conftest import disk_labels, tiny_params
+from conftest import ROOT, disk_labels, tiny_params
 from test_predict import Oracle, paint_cells
 
 
@@ -240,3 +242,32 @@ def test_a_missing_or_broken_file_is_named_for_the_postproc_too(tmp_path: Path, 
         path.write_text(content)
     with pytest.raises(DataFormatError, match="thresholds.json"):
         tuned_postproc_params(tiny_params().postproc, path)
+
+
+@pytest.mark.parametrize("name", ["evaluate", "submit", "predict"])
+def test_every_stage_uses_the_stored_peak_threshold(tmp_path: Path, monkeypatch, name: str) -> None:
+    """The stages hand the stored peak threshold (and the scaled recovery threshold) to the prediction; the
+    model and the prediction itself are stubbed: only the wiring is checked."""
+    spec = importlib.util.spec_from_file_location(f"stage_{name}_peak", ROOT / "stages" / f"{name}.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    params = tiny_params(postproc__split=True, postproc__peak_threshold=0.5, postproc__recover_threshold=0.6)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.to_dict()))
+    write_json(tmp_path / "thresholds.json", {**untuned(params.predict), "peak_threshold": 0.2})
+    got = {}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(stage, "load_trained_model", lambda *a: (object(), None), raising=False)
+    if name == "evaluate":
+        monkeypatch.setattr(
+            stage, "evaluate_checkpoint", lambda paths, p, device: got.update(postproc=p.postproc)
+        )
+        monkeypatch.setattr(stage, "summary", lambda metrics: "")
+        stage.main(["best.pt", "thresholds.json", "val", "pred", "eval.json", "plots"])
+    elif name == "submit":
+        monkeypatch.setattr(stage, "submit", lambda *a: got.update(postproc=a[5]) or {})
+        stage.main(["best.pt", "thresholds.json", "test", "out"])
+    else:
+        monkeypatch.setattr(stage, "predict_folder", lambda *a: got.update(postproc=a[5]) or {})
+        stage.main(["best.pt", "in", "out", "--thresholds", "thresholds.json"])
+    assert got["postproc"].peak_threshold == 0.2
+    assert got["postproc"].recover_threshold == pytest.approx(0.24)
