@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Keep the workspace's run as $OUT/NAME (checkpoint, thresholds, params, metrics, submission) and score its
+# submission on the held-out truth at its tuned label-score threshold -> $OUT/NAME/test.json.
+#   usage: RAW=/abs/consep-dev OUT=/abs/ablation experiments/abl_keep.sh NAME   (from the scratch clone's root)
+set -euo pipefail
+name=$1
+mkdir -p "$OUT/$name"
+cp -r submission metrics models/best.pt models/thresholds.json models/config.json params.yaml "$OUT/$name/"
+thr=$(python -c "import json; print(json.load(open('models/thresholds.json'))['label_score_threshold'])")
+python -m cellseg.score submission/submission.zip "$RAW/test_truth" "$RAW/test_image_name_to_ids.json" \
+  --score-threshold "$thr" --json > "$OUT/$name/test.json"
+echo "$name thr=$thr" >> "$OUT/summary.log"
