@@ -16,8 +16,16 @@ for w in "${WEIGHTS[@]}"; do
 done
 start=$(date +%s)
 dvc queue start -j 1
-# (the status is read whole first: grep -q would close the pipe early, and pipefail would end the wait)
-until status=$(dvc queue status) && ! grep -qE 'Queued|Running' <<< "$status"; do sleep 30; done
+# The status is read whole first: grep -q would close the pipe early, and pipefail would end the wait. A worker
+# that finds the queue momentarily idle between tasks exits (seen with DVC 3.67), so one with tasks still queued
+# and none running is restarted.
+until status=$(dvc queue status) && ! grep -qE 'Queued|Running' <<< "$status"; do
+  if ! grep -q 'Running' <<< "$status"; then
+    sleep 30
+    grep -q 'Running' <<< "$(dvc queue status)" || dvc queue start -j 1
+  fi
+  sleep 30
+done
 echo "sweep queue wall=$(( $(date +%s) - start ))s" >> "$OUT/summary.log"
 dvc exp show --md --only-changed > "$OUT/exp_show.md"
 for w in "${WEIGHTS[@]}"; do
