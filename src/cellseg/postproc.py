@@ -103,7 +103,7 @@ def refine(inst: Instances, maps: ProbMaps | None, params: PostprocParams) -> In
 
 # ------------------------------------------------------------------------------------------------ the peaks
 def find_peaks(center: np.ndarray, threshold: float, min_distance: int) -> np.ndarray:
-    """``(K, 2)`` (row, col) of the centre map's local maxima at or above ``threshold``, strongest first."""
+    """``(K, 2)`` (row, col) of the centre map's local maxima above ``threshold`` (strictly: skimage's rule), strongest first."""
     peaks = peak_local_max(
         center, min_distance=min_distance, threshold_abs=threshold, exclude_border=False
     ).reshape(-1, 2)
