@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import time
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -303,3 +304,23 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     )
     assert counts["r.jpg"]["class1"] == 1
     assert read_label(tmp_path / "out" / "r" / "class1.tif", (30, 20)).max() == 1
+
+
+def test_the_same_results_give_a_byte_identical_zip(tmp_path: Path) -> None:
+    """The zip carries no write time, so rerunning the submit stage on the same predictions leaves its DVC
+    output unchanged."""
+    rows = [
+        {
+            "image_id": 1,
+            "category_id": 2,
+            "segmentation": {"size": [4, 4], "counts": "04"},
+            "score": 0.9,
+            "bbox": [0.0, 0.0, 1.0, 1.0],
+        }
+    ]
+    first = write_submission(rows, tmp_path / "a").read_bytes()
+    time.sleep(2.1)  # zip times have a 2-second resolution
+    second = write_submission(rows, tmp_path / "b").read_bytes()
+    assert first == second
+    with zipfile.ZipFile(tmp_path / "a" / ZIP_FILE) as archive:
+        assert json.loads(archive.read(RESULTS_FILE)) == rows
