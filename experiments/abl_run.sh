@@ -6,9 +6,7 @@
 set -uo pipefail
 name=$1; shift
 : "${RAW:?set RAW to the absolute consep-dev folder}" "${OUT:?set OUT to a folder for the results}"
-BASE=(-S data.raw_dir="$RAW" -S "data.group_regex='^(train_[0-9]+)_'" -S model.scale=2.0 -S train.crop_size=128
-  -S augment.hflip_p=0.5 -S augment.vflip_p=0.5 -S augment.rotate90_p=0.5 -S train.repeat_threshold=1.0
-  -S train.epochs=6 -S train.eval_every=6 -S train.train_eval_images=0 -S maps.center_sigma=2.0)
+source "$(dirname "$0")/abl_base.sh"
 mkdir -p "$OUT"
 git checkout -- params.yaml
 start=$(date +%s)

@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # The reference's weight sweep w_center = w_boundary ∈ {0, 0.1, 0.2, 1.0} through the DVC queue (issue 11), at the
-# ablation base of abl_run.sh, seed 0 (w = 0.5 is the default: abl_run.sh heads_s0 -S train.seed=0); then each
+# ablation base (abl_base.sh), seed 0 (w = 0.5 is the default: abl_run.sh heads_s0 -S train.seed=0); then each
 # experiment is applied and its submission scored on truth.
 #   usage: RAW=/abs/consep-dev OUT=/abs/ablation experiments/abl_sweep.sh   (from the scratch clone's root)
 set -uo pipefail
 : "${RAW:?set RAW to the absolute consep-dev folder}" "${OUT:?set OUT to a folder for the results}"
-BASE=(-S data.raw_dir="$RAW" -S "data.group_regex='^(train_[0-9]+)_'" -S model.scale=2.0 -S train.crop_size=128
-  -S augment.hflip_p=0.5 -S augment.vflip_p=0.5 -S augment.rotate90_p=0.5 -S train.repeat_threshold=1.0
-  -S train.epochs=6 -S train.eval_every=6 -S train.train_eval_images=0 -S maps.center_sigma=2.0 -S train.seed=0)
+source "$(dirname "$0")/abl_base.sh"
+BASE+=(-S train.seed=0)
 WEIGHTS=(0 0.1 0.2 1.0)
 mkdir -p "$OUT"
 git checkout -- params.yaml
