@@ -3,7 +3,7 @@
 Why a script: the variants change only inference, so one prediction pass per run (and per TTA setting) serves
 every post-processing combination; retraining per variant would cost a training each. Each run directory
 holds what ``dvc exp run`` left: ``best.pt``, ``thresholds.json`` and ``params.yaml`` (``experiments/abl_run.sh``
-copies them). Every variant is scored with ``cellseg.score.score_results``, the scorer users run. ``base`` and
+copies them). Every variant is scored with ``cellseg.eval.score_results.score_results``, the scorer users run. ``base`` and
 ``tta*`` rows use the run's tuned label-score threshold, ``thr0.5`` the untuned 0.5; each post-processing
 combination gets its peak and label-score thresholds tuned on the validation split (``_tune``). Each step is
 scored alone, then all four, then the ones that raised validation PQ alone, together.
@@ -27,17 +27,18 @@ from pathlib import Path
 
 import torch
 
-from cellseg.checkpoint import load_trained_model
+from cellseg.eval.nuclei_metrics import score_split
+from cellseg.eval.score_model import load_labelled
+from cellseg.eval.score_results import score_results
+from cellseg.infer.detect import postprocess
+from cellseg.infer.postproc import refine
+from cellseg.infer.predict import predict_images_maps
+from cellseg.infer.submit import load_test_images
+from cellseg.infer.thresholds import tuned_predict_params
 from cellseg.instances import Instances
-from cellseg.nuclei_metrics import score_split
+from cellseg.model.checkpoint import load_trained_model
 from cellseg.params import PostprocParams, PredictParams, load_params
-from cellseg.postproc import refine
-from cellseg.predict import postprocess, predict_images_maps
 from cellseg.rle import to_coco_results
-from cellseg.score import score_results
-from cellseg.scoring import load_labelled
-from cellseg.submit import load_test_images
-from cellseg.thresholds import tuned_predict_params
 
 STEPS = ("split", "trim", "recover", "rescore")
 KEPT = ("ap50_at_100", "ap", "pq", "dq", "sq", "mpq_plus", "aji", "f1", "n_pred")

@@ -1,6 +1,6 @@
 """Stage `evaluate`: the best checkpoint on the validation split -> COCO predictions, metrics/eval.json, plots.
 
-The tune stage's thresholds file gives the score, mask and centre-peak thresholds (``cellseg.thresholds``).
+The tune stage's thresholds file gives the score, mask and centre-peak thresholds (``cellseg.infer.thresholds``).
 
 Usage: python stages/evaluate.py <checkpoint> <thresholds_json> <val_dir> <predictions_dir> <metrics_json>
        <plots_dir> [<per_image_csv>] [--maps <maps_val_dir>]
@@ -10,11 +10,11 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from cellseg.cli import run
 from cellseg.device import select_device
-from cellseg.evaluate import EvalPaths, evaluate_checkpoint, summary
+from cellseg.entry import run
+from cellseg.eval.report import EvalPaths, evaluate_checkpoint, summary
+from cellseg.infer.thresholds import tuned_postproc_params, tuned_predict_params
 from cellseg.params import load_params
-from cellseg.thresholds import tuned_postproc_params, tuned_predict_params
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,8 +5,8 @@ Usage: python stages/maps.py <prepared_dir> <maps_dir> <previews_dir>
 
 import argparse
 
-from cellseg.cli import run
-from cellseg.maps import write_maps
+from cellseg.data.maps import write_maps
+from cellseg.entry import run
 from cellseg.params import load_params
 
 

@@ -9,12 +9,12 @@ import argparse
 import json
 from pathlib import Path
 
-from cellseg.checkpoint import load_trained_model
-from cellseg.cli import run
 from cellseg.device import select_device
+from cellseg.entry import run
+from cellseg.infer.folder import IMAGE_SUFFIXES, MAPS_FORMATS, predict_folder
+from cellseg.infer.thresholds import THRESHOLDS_FILE, tuned_postproc_params, tuned_predict_params
+from cellseg.model.checkpoint import load_trained_model
 from cellseg.params import load_params
-from cellseg.predict_folder import IMAGE_SUFFIXES, MAPS_FORMATS, predict_folder
-from cellseg.thresholds import THRESHOLDS_FILE, tuned_postproc_params, tuned_predict_params
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,9 +6,9 @@ Usage: python stages/prepare.py <raw_dir> <prepared_dir> <split.json> <data.json
 import argparse
 import json
 
-from cellseg.cli import run
+from cellseg.data.prepare import prepare_dataset
+from cellseg.entry import run
 from cellseg.params import load_params
-from cellseg.prepare import prepare_dataset
 
 
 def main(argv: list[str] | None = None) -> None:

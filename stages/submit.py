@@ -1,6 +1,6 @@
 """Stage `submit`: the checkpoint predicts every prepared test image -> test-results.json and submission.zip.
 
-The tune stage's thresholds file gives the mask and centre-peak thresholds (``cellseg.thresholds``); COCO
+The tune stage's thresholds file gives the mask and centre-peak thresholds (``cellseg.infer.thresholds``); COCO
 results keep every detection above ``predict.score_threshold``.
 
 Usage: python stages/submit.py <checkpoint> <thresholds_json> <prepared_test_dir> <out_dir>
@@ -9,12 +9,12 @@ Usage: python stages/submit.py <checkpoint> <thresholds_json> <prepared_test_dir
 import argparse
 import json
 
-from cellseg.checkpoint import load_trained_model
-from cellseg.cli import run
 from cellseg.device import select_device
+from cellseg.entry import run
+from cellseg.infer.submit import submit
+from cellseg.infer.thresholds import tuned_postproc_params, tuned_predict_params
+from cellseg.model.checkpoint import load_trained_model
 from cellseg.params import load_params
-from cellseg.submit import submit
-from cellseg.thresholds import tuned_postproc_params, tuned_predict_params
 
 
 def main(argv: list[str] | None = None) -> None:

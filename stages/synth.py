@@ -8,10 +8,10 @@ from functools import partial
 
 from tqdm import tqdm
 
-from cellseg.cli import run
+from cellseg.data.synth import write_dataset
+from cellseg.entry import run
 from cellseg.fsutil import atomic_dir
 from cellseg.params import load_params
-from cellseg.synth import write_dataset
 
 
 def main(argv: list[str] | None = None) -> None:

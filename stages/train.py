@@ -10,11 +10,11 @@ import os
 import sys
 from pathlib import Path
 
-from cellseg.cli import run
 from cellseg.device import select_device
-from cellseg.distributed import check_nproc, launch_torchrun
+from cellseg.entry import run
 from cellseg.params import load_params
-from cellseg.train import TrainPaths, train
+from cellseg.train.distributed import check_nproc, launch_torchrun
+from cellseg.train.loop import TrainPaths, train
 
 
 def main(argv: list[str] | None = None) -> None:

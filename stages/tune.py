@@ -1,7 +1,7 @@
 """Stage `tune`: score, mask and centre-peak thresholds chosen by validation PQ -> models/thresholds.json.
 
 The peak threshold is tuned only with a map-guided step on (``postproc.*``) and a model with heads; otherwise
-the file holds ``postproc.peak_threshold`` (``cellseg.thresholds``).
+the file holds ``postproc.peak_threshold`` (``cellseg.eval.tune``).
 
 Usage: python stages/tune.py <checkpoint> <val_dir> <thresholds_json>
 """
@@ -10,13 +10,13 @@ import argparse
 import json
 from pathlib import Path
 
-from cellseg.checkpoint import load_trained_model
-from cellseg.cli import run
+from cellseg.data.io import list_samples
 from cellseg.device import select_device
-from cellseg.evaluate import list_samples
+from cellseg.entry import run
+from cellseg.eval.tune import tune_thresholds
 from cellseg.fsutil import write_json
+from cellseg.model.checkpoint import load_trained_model
 from cellseg.params import load_params
-from cellseg.thresholds import tune_thresholds
 
 
 def main(argv: list[str] | None = None) -> None:

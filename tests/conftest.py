@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cellseg.io import write_image_tif, write_label_tif
+from cellseg.data.io import write_image_tif, write_label_tif
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "hw3-sample"
@@ -101,11 +101,11 @@ def tiny_project(tmp_path_factory) -> dict:
 
     Returns the paths (``raw``, ``prepared``, ``maps``, ``models``, ``live``) and ``params``. Tests must not modify it.
     """
+    from cellseg.data.maps import write_maps
+    from cellseg.data.prepare import prepare_dataset
+    from cellseg.data.synth import write_dataset
     from cellseg.fsutil import atomic_dir
-    from cellseg.maps import write_maps
-    from cellseg.prepare import prepare_dataset
-    from cellseg.synth import write_dataset
-    from cellseg.train import TrainPaths, train
+    from cellseg.train.loop import TrainPaths, train
 
     root = tmp_path_factory.mktemp("tiny")
     params = tiny_params()

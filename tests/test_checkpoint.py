@@ -11,8 +11,8 @@ import torch
 from torchvision.models import ResNet18_Weights, resnet18
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from cellseg.checkpoint import CheckpointError, load_trained_model, save_checkpoint
-from cellseg.model import build_model
+from cellseg.model.checkpoint import CheckpointError, load_trained_model, save_checkpoint
+from cellseg.model.maskrcnn import build_model
 from conftest import tiny_params
 
 CPU = torch.device("cpu")

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from cellseg.data import CellDataset, build_augmentation, collate, instance_targets, npz_memmaps
+from cellseg.data.dataset import CellDataset, build_augmentation, collate, instance_targets, npz_memmaps
+from cellseg.data.io import DataFormatError, save_train_npz
 from cellseg.fsutil import save_npz
-from cellseg.io import DataFormatError, save_train_npz
 from cellseg.params import load_params
 from conftest import ROOT
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cellseg import CellsegError
-from cellseg.distributed import (
+from cellseg.train.distributed import (
     WAIT_TIMEOUT,
     DistInfo,
     RankFailedError,

@@ -22,19 +22,19 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-import cellseg.evaluate as evaluate_module
+import cellseg.eval.report as evaluate_module
 from cellseg.bench.metric import noisy_predictions
-from cellseg.checkpoint import load_trained_model
-from cellseg.evaluate import EvalPaths, evaluate_checkpoint, list_samples, write_evaluation
+from cellseg.data.io import DataFormatError, list_samples, load_npz, save_train_npz
+from cellseg.eval.plots import save_overlay
+from cellseg.eval.report import EvalPaths, evaluate_checkpoint, write_evaluation
+from cellseg.eval.score_model import load_labelled, score_predictions
 from cellseg.fsutil import write_json
+from cellseg.infer.predict import predict_image
+from cellseg.infer.prob_maps import ProbMaps
+from cellseg.infer.thresholds import untuned
 from cellseg.instances import Instances
-from cellseg.io import DataFormatError, load_npz, save_train_npz
-from cellseg.plots import save_overlay
-from cellseg.postproc import ProbMaps
-from cellseg.predict import predict_image
+from cellseg.model.checkpoint import load_trained_model
 from cellseg.rle import decode, to_coco_ground_truth
-from cellseg.scoring import load_labelled, score_predictions
-from cellseg.thresholds import untuned
 from conftest import ROOT, tiny_params
 
 OUTPUT_NAMES = ("predictions", "metrics", "plots")

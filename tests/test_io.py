@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from cellseg.io import (
+from cellseg.data.io import (
     DataFormatError,
     DataWarning,
     list_test_images,

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cellseg.bench.maps import reference_maps
-from cellseg.io import DataFormatError, list_train_samples, load_npz, read_train_sample, save_train_npz
-from cellseg.maps import center_pixels, compute_maps, write_maps
+from cellseg.data.io import DataFormatError, list_train_samples, load_npz, read_train_sample, save_train_npz
+from cellseg.data.maps import center_pixels, compute_maps, write_maps
 from cellseg.params import MapsParams
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""cellseg.metrics against pycocotools' own COCOeval, hand-computed APs and a hand-counted confusion matrix."""
+"""cellseg.eval.coco_metrics against pycocotools' own COCOeval, hand-computed APs and a hand-counted confusion matrix."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from cellseg.bench.metric import noisy_predictions, voronoi_ground_truth
+from cellseg.eval.coco_metrics import BACKGROUND, Evaluation, confusion_matrix, evaluate
 from cellseg.instances import Instances
-from cellseg.metrics import BACKGROUND, Evaluation, confusion_matrix, evaluate
 from cellseg.rle import to_coco_ground_truth, to_coco_results
 
 CAP = 300
@@ -213,7 +213,7 @@ def test_evaluation_uses_cocoeval_alone_without_torchmetrics() -> None:
     code = (
         "import sys, numpy as np\n"
         "from cellseg.bench.metric import noisy_predictions, voronoi_ground_truth\n"
-        "from cellseg.metrics import evaluate\n"
+        "from cellseg.eval.coco_metrics import evaluate\n"
         "rng = np.random.default_rng(0)\n"
         "gt = voronoi_ground_truth(rng, (64, 64), 12)\n"
         "assert evaluate([gt], [noisy_predictions(rng, gt)], 300).metrics['map_50'] > 0\n"

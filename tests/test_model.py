@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cellseg.data import instance_targets
-from cellseg.model import (
+from cellseg.data.dataset import instance_targets
+from cellseg.model.maskrcnn import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CellTransform,
@@ -297,7 +297,7 @@ def test_roi_poolers_know_the_fpn_strides_before_any_batch() -> None:
 def test_mask_targets_equal_torchvision_s_from_the_matched_masks_only() -> None:
     from torchvision.models.detection import roi_heads
 
-    from cellseg.mask_targets import _TORCHVISION, project_masks_on_boxes
+    from cellseg.model.mask_targets import _TORCHVISION, project_masks_on_boxes
 
     assert roi_heads.project_masks_on_boxes is project_masks_on_boxes  # installed for maskrcnn_loss
     gen = torch.Generator().manual_seed(0)

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from cellseg.instances import Instances
-from cellseg.io import CLASS_FILES, read_label
-from cellseg.nuclei_metrics import (
+from cellseg.data.io import CLASS_FILES, read_label
+from cellseg.eval.nuclei_metrics import (
     UNDEFINED,
     Overlaps,
     count,
@@ -19,6 +18,7 @@ from cellseg.nuclei_metrics import (
     score_split,
     truth_label_map,
 )
+from cellseg.instances import Instances
 from conftest import ROOT
 
 matching = pytest.importorskip("stardist.matching")  # test-only dependency (requirements.txt)

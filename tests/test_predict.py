@@ -15,10 +15,12 @@ import pytest
 import torch
 from torchvision.models.detection.roi_heads import expand_boxes, paste_masks_in_image
 
-from cellseg.checkpoint import load_trained_model
+from cellseg.data.io import load_npz
+from cellseg.infer.detect import paste_masks, postprocess
+from cellseg.infer.predict import predict_image, predict_images
+from cellseg.infer.tiling import tile_starts
 from cellseg.instances import Instances
-from cellseg.io import load_npz
-from cellseg.predict import paste_masks, postprocess, predict_image, predict_images, tile_starts
+from cellseg.model.checkpoint import load_trained_model
 from cellseg.rle import decode, encode_instances
 from conftest import tiny_params
 

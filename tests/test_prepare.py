@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from cellseg.io import DataFormatError, list_train_samples, load_npz, write_image_tif
+from cellseg.data.io import DataFormatError, list_train_samples, load_npz, write_image_tif
+from cellseg.data.prepare import prepare_dataset, split_train_val
 from cellseg.params import load_params
-from cellseg.prepare import prepare_dataset, split_train_val
 from conftest import ROOT, make_raw_dataset
 
 DATA_PARAMS = load_params(ROOT / "params.yaml").data

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cellseg.checkpoint import (
+from cellseg.model.checkpoint import (
     ResumeError,
     load_checkpoint,
     restore_scaler,
@@ -18,7 +18,7 @@ from cellseg.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from cellseg.train import LAST, TrainPaths, cosine_from, train
+from cellseg.train.loop import LAST, TrainPaths, cosine_from, train
 from conftest import tiny_params
 
 

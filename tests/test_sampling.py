@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cellseg.io import save_train_npz
-from cellseg.sampling import RepeatFactorSampler, classes_present, repeat_factors
+from cellseg.data.io import save_train_npz
+from cellseg.data.sampling import RepeatFactorSampler, classes_present, repeat_factors
 
 
 def test_repeat_factors_follow_the_lvis_rule() -> None:

@@ -1,4 +1,4 @@
-"""``python -m cellseg.score``: results JSON or zip against real tif truth folders, figures and clear errors."""
+"""``python -m cellseg.eval.score_results``: results JSON or zip against real tif truth folders, figures and clear errors."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cellseg.data.io import write_label_tif
+from cellseg.eval.score_results import ResultsError, main, read_truth, score_results
 from cellseg.instances import Instances
-from cellseg.io import write_label_tif
 from cellseg.rle import to_coco_results
-from cellseg.score import ResultsError, main, read_truth, score_results
 from conftest import ROOT, disk_labels
 
 CONSEP = ROOT.parent / "shared" / "datasets" / "consep-dev"
@@ -144,7 +144,7 @@ def test_a_zip_without_results_and_a_missing_truth_dir(truth: dict) -> None:
 
 @pytest.mark.skipif(not CONSEP.is_dir(), reason=f"consep-dev not available at {CONSEP} (../shared)")
 def test_consep_truth_scored_against_itself_is_perfect(tmp_path: Path) -> None:
-    from cellseg.io import read_test_mapping
+    from cellseg.data.io import read_test_mapping
 
     entries = read_test_mapping(CONSEP / "test_image_name_to_ids.json")[:6]
     mapping = tmp_path / "mapping.json"

@@ -19,13 +19,13 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from cellseg.data.io import DataFormatError, read_label, read_test_mapping, save_test_npz, write_image_tif
 from cellseg.fsutil import write_json
+from cellseg.infer.folder import label_maps, list_images, predict_folder, read_any_image
+from cellseg.infer.submit import RESULTS_FILE, ZIP_FILE, load_test_images, submit, write_submission
+from cellseg.infer.thresholds import untuned
 from cellseg.instances import Instances
-from cellseg.io import DataFormatError, read_label, read_test_mapping, save_test_npz, write_image_tif
-from cellseg.predict_folder import label_maps, list_images, predict_folder, read_any_image
 from cellseg.rle import decode, encode_mask
-from cellseg.submit import RESULTS_FILE, ZIP_FILE, load_test_images, submit, write_submission
-from cellseg.thresholds import untuned
 from conftest import ROOT, tiny_params
 
 CPU = torch.device("cpu")

@@ -15,7 +15,7 @@ import yaml
 from scipy import ndimage
 
 from cellseg import NUM_CLASSES
-from cellseg.io import (
+from cellseg.data.io import (
     CLASS_FILES,
     TEST_DIR,
     TEST_MAPPING,
@@ -23,8 +23,8 @@ from cellseg.io import (
     list_train_samples,
     read_train_sample,
 )
+from cellseg.data.synth import DENSE_ABOVE, generate, plan_dataset, write_dataset
 from cellseg.params import SynthParams, load_params
-from cellseg.synth import DENSE_ABOVE, generate, plan_dataset, write_dataset
 
 PARAMS_FILE = Path(__file__).parents[1] / "params.yaml"
 SMALL = {"n_train": 6, "n_test": 3, "max_side": 300, "n_dense": 1}

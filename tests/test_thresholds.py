@@ -12,13 +12,14 @@ import pytest
 import torch
 import yaml
 
+from cellseg.data.io import DataFormatError, save_train_npz
+from cellseg.data.maps import center_map
+from cellseg.eval.nuclei_metrics import score_split
+from cellseg.eval.score_model import load_labelled
+from cellseg.eval.tune import tune_thresholds
 from cellseg.fsutil import write_json
-from cellseg.io import DataFormatError, save_train_npz
-from cellseg.maps import center_map
-from cellseg.nuclei_metrics import score_split
-from cellseg.predict import predict_image
-from cellseg.scoring import load_labelled
-from cellseg.thresholds import tune_thresholds, tuned_postproc_params, tuned_predict_params, untuned
+from cellseg.infer.predict import predict_image
+from cellseg.infer.thresholds import tuned_postproc_params, tuned_predict_params, untuned
 from conftest import ROOT, disk_labels, tiny_params
 from test_predict import Oracle, paint_cells
 

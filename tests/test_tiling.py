@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from cellseg.infer.predict import predict_image
+from cellseg.infer.tiling import (
+    SEAM_MARGIN,
+    Window,
+    band_pairs,
+    greedy_suppression,
+    merge_tiles,
+    tile_windows,
+)
 from cellseg.instances import Instances
-from cellseg.predict import predict_image
-from cellseg.tiling import SEAM_MARGIN, Window, band_pairs, greedy_suppression, merge_tiles, tile_windows
 from conftest import tiny_params
 from test_predict import Oracle, ground_truth, mask_ious, paint_cells
 

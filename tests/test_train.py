@@ -12,11 +12,11 @@ import pytest
 import torch
 import yaml
 
-import cellseg.train as train_module
-from cellseg.checkpoint import load_checkpoint
-from cellseg.model import CellMaskRCNN
+import cellseg.train.loop as train_module
+from cellseg.model.checkpoint import load_checkpoint
+from cellseg.model.maskrcnn import CellMaskRCNN
 from cellseg.params import ParamsError
-from cellseg.train import BEST, LAST, NonFiniteLossError, TrainPaths, train
+from cellseg.train.loop import BEST, LAST, NonFiniteLossError, TrainPaths, train
 from conftest import ROOT, tiny_params
 
 

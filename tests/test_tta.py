@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cellseg.tta import merge_views
+from cellseg.infer.tta import merge_views
 from conftest import tiny_params
 from test_predict import Oracle, ground_truth, mask_ious, paint_cells, predict_image
 

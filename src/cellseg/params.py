@@ -266,7 +266,7 @@ class PredictParams:
 
 @dataclass(frozen=True)
 class PostprocParams:
-    """Map-guided post-processing (``cellseg.postproc``): each step on its own switch; a model without the
+    """Map-guided post-processing (``cellseg.infer.postproc``): each step on its own switch; a model without the
     auxiliary heads gives no maps, and then every step is skipped.
 
     With steps on and a model with heads, the ``tune`` stage picks ``peak_threshold`` from ``tune_peak_grid``

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cellseg.data import instance_targets
-from cellseg.io import list_train_samples, read_train_sample
-from cellseg.maps import compute_maps
-from cellseg.model import CellMaskRCNN, build_model, count_parameters
+from cellseg.data.dataset import instance_targets
+from cellseg.data.io import list_train_samples, read_train_sample
+from cellseg.data.maps import compute_maps
+from cellseg.model.maskrcnn import CellMaskRCNN, build_model, count_parameters
 from cellseg.params import Params, load_params
 
 FIXTURE = Path(__file__).resolve().parents[4] / "shared" / "fixtures" / "hw3-sample"
@@ -42,7 +42,7 @@ def sample() -> tuple[np.ndarray, np.ndarray, str]:
     if (FIXTURE / "train").is_dir():
         image, labels = read_train_sample(list_train_samples(FIXTURE)[0])
         return image, labels, "real fixture"
-    from cellseg.synth import generate, plan_dataset
+    from cellseg.data.synth import generate, plan_dataset
 
     spec = max(plan_dataset(load_params().synth), key=lambda s: s.height * s.width)
     image, labels = generate(spec)
@@ -75,7 +75,7 @@ def step_time(model: CellMaskRCNN, images: list, targets: list, repeats: int) ->
 
 def heads_time(model: CellMaskRCNN, images: list, targets: list, repeats: int) -> float:
     """The auxiliary heads alone: forward, loss and backward on the model's own stride-4 feature."""
-    from cellseg.model import batch_maps
+    from cellseg.model.maskrcnn import batch_maps
 
     with torch.no_grad():
         batched, out = model.transform(images, targets)

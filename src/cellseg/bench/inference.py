@@ -3,9 +3,9 @@
 Reference: a plain torchvision Mask R-CNN (``GeneralizedRCNN.forward``, built from copies of the checkpoint's
 modules) called as ``model([img])`` under ``torch.no_grad``. It pastes every 28×28 mask into a full-size float
 image, thresholds the ``N×H×W`` stack at 0.5 and encodes each full mask with ``pycocotools.mask.encode``.
-Ours: :func:`cellseg.predict.predict_image` (inference mode, box-local paste and threshold) and
+Ours: :func:`cellseg.infer.predict.predict_image` (inference mode, box-local paste and threshold) and
 :func:`cellseg.rle.encode_instances` (runs computed from the crops), on the model as
-:func:`cellseg.predict.for_inference` prepares it (channels-last weights). A third row runs ours on the
+:func:`cellseg.infer.predict.for_inference` prepares it (channels-last weights). A third row runs ours on the
 unchanged (contiguous) weights, so that the gain of the paste and encoding is told apart from the layout's.
 
 Only images no larger than ``predict.tile_size`` take part: there both ways see the same whole image, and the
@@ -30,16 +30,13 @@ from pycocotools import mask as mask_utils
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.transforms.functional import to_tensor
 
-from cellseg.checkpoint import load_trained_model
+from cellseg.data.io import load_npz
+from cellseg.infer.detect import detections_to_instances, postprocess
+from cellseg.infer.predict import predict_image
 from cellseg.instances import Instances
-from cellseg.io import load_npz
-from cellseg.model import CellMaskRCNN
+from cellseg.model.checkpoint import load_trained_model
+from cellseg.model.maskrcnn import CellMaskRCNN
 from cellseg.params import PredictParams, load_params
-from cellseg.predict import (
-    detections_to_instances,
-    postprocess,
-    predict_image,
-)
 from cellseg.rle import encode_instances
 
 CPU = torch.device("cpu")

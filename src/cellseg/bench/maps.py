@@ -1,4 +1,4 @@
-"""Benchmark: the linear-time maps of ``cellseg.maps`` vs the literal per-instance definition, on a dense scene.
+"""Benchmark: the linear-time maps of ``cellseg.data.maps`` vs the literal per-instance definition, on a dense scene.
 
 The scene is the real sample's labels tiled 2×3 with ids renumbered per tile (about 794×1446 pixels, 966
 instances), or, without the fixture, a synthetic 1000×1000 field of touching discs (400 instances).
@@ -21,8 +21,8 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from cellseg import NUM_CLASSES
-from cellseg.io import list_train_samples, read_train_sample
-from cellseg.maps import compute_maps
+from cellseg.data.io import list_train_samples, read_train_sample
+from cellseg.data.maps import compute_maps
 
 FIXTURE = Path(__file__).resolve().parents[4] / "shared" / "fixtures" / "hw3-sample"
 SIGMA = 5.0

@@ -1,4 +1,4 @@
-"""Benchmark: the mask mAP of :func:`cellseg.metrics.evaluate` against torchmetrics' default way.
+"""Benchmark: the mask mAP of :func:`cellseg.eval.coco_metrics.evaluate` against torchmetrics' default way.
 
 Dense synthetic scenes (touching Voronoi cells of four classes) with noisy predictions: every ground-truth mask
 shifted by a few pixels, some missed, some relabelled, random scores, plus false-positive discs. Four ways get
@@ -25,14 +25,14 @@ import numpy as np
 from scipy import ndimage
 
 from cellseg import NUM_CLASSES
-from cellseg.instances import Instances
-from cellseg.metrics import (
+from cellseg.eval.coco_metrics import (
     IOU_THRESHOLDS,
     LEADERBOARD_MAX_DETECTIONS,
     RECALL_THRESHOLDS,
     _summaries,
     evaluate,
 )
+from cellseg.instances import Instances
 
 
 def voronoi_ground_truth(rng: np.random.Generator, size: tuple[int, int], n_seeds: int) -> Instances:

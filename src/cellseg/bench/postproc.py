@@ -1,9 +1,9 @@
 """Benchmark: map-guided post-processing against the model's inference on the same 300-cell image.
 
 The image is a dense synthetic tile (``--size`` px square, ``--cells`` nuclei aimed at). Inference is
-:func:`cellseg.predict.predict_image` of an untrained model of params.yaml's architecture with its heads (forward,
+:func:`cellseg.infer.predict.predict_image` of an untrained model of params.yaml's architecture with its heads (forward,
 tiling, box-local paste, threshold and cap; its detections are meaningless, its cost is not). Post-processing is
-:func:`cellseg.postproc.refine` with every step on, given what a trained model would give: the image's own cells as
+:func:`cellseg.infer.postproc.refine` with every step on, given what a trained model would give: the image's own cells as
 detections, with every 8th cell merged with its nearest neighbour (to split) and every 12th left out (to recover),
 and the training targets as the centre and boundary maps. Each time is the best of ``--repeats`` after a warm-up;
 wall time is the figure, process CPU time is printed too (on a shared machine it is the steadier of the two).
@@ -24,13 +24,14 @@ import time
 import numpy as np
 import torch
 
+from cellseg.data.maps import compute_maps
+from cellseg.data.synth import ImageSpec, generate
+from cellseg.infer.postproc import find_peaks, refine
+from cellseg.infer.predict import predict_image
+from cellseg.infer.prob_maps import ProbMaps
 from cellseg.instances import Instances
-from cellseg.maps import compute_maps
-from cellseg.model import build_model
+from cellseg.model.maskrcnn import build_model, for_inference
 from cellseg.params import load_params
-from cellseg.postproc import ProbMaps, find_peaks, refine
-from cellseg.predict import for_inference, predict_image
-from cellseg.synth import ImageSpec, generate
 
 TARGET_SHARE = 0.15
 

@@ -2,7 +2,7 @@
 
 The reference reads the tifs and splits every class file into instances on every access: ``np.unique`` over the
 label image, then one full-image comparison and one ``np.where`` per instance for its mask and box. The prepared
-path loads the npz once and splits instances inside their bounding boxes (``cellseg.data.instance_targets``).
+path loads the npz once and splits instances inside their bounding boxes (``cellseg.data.dataset.instance_targets``).
 
     python -m cellseg.bench.prepare [<raw sample folder>] [--repeats N]
 
@@ -20,8 +20,15 @@ import numpy as np
 import tifffile
 import torch
 
-from cellseg.data import instance_targets
-from cellseg.io import CLASS_FILES, IMAGE_FILE, RawTrainSample, load_npz, read_train_sample, save_train_npz
+from cellseg.data.dataset import instance_targets
+from cellseg.data.io import (
+    CLASS_FILES,
+    IMAGE_FILE,
+    RawTrainSample,
+    load_npz,
+    read_train_sample,
+    save_train_npz,
+)
 
 FIXTURE = (
     Path(__file__).resolve().parents[4] / "shared" / "fixtures" / "hw3-sample" / "train" / "sample-image"

@@ -1,4 +1,4 @@
-"""Benchmark: merging tiled detections, the old dense N×N merge vs ``cellseg.tiling``'s per-band merge.
+"""Benchmark: merging tiled detections, the old dense N×N merge vs ``cellseg.infer.tiling``'s per-band merge.
 
 Scenes of about 1k, 5k and 20k synthetic cells at nuclei density (the 5k scene is 2500×2500 px, the largest
 test image's size), a few of them larger than the tile overlap, cut into the default 512-px tiles with 64 px
@@ -25,8 +25,8 @@ import torch
 from scipy import ndimage
 from torchvision.ops import box_iou
 
+from cellseg.infer.tiling import SEAM_MARGIN, Window, merge_tiles, tile_windows
 from cellseg.instances import Instances
-from cellseg.tiling import SEAM_MARGIN, Window, merge_tiles, tile_windows
 
 TILE, OVERLAP = 512, 64
 SIDE_AT_5K = 2500
@@ -124,7 +124,7 @@ def seen_whole_by_no_tile(ids: np.ndarray, windows: list[Window]) -> int:
 
 # --------------------------------------------------------------------------------- the old merge, as it was
 def old_merge(found: list[Instances], windows: list[Window], height: int, width: int) -> Instances:
-    """``predict.merge_tiles`` before ``cellseg.tiling``: cut detections dropped, N×N box IoU over all tiles."""
+    """``predict.merge_tiles`` before ``cellseg.infer.tiling``: cut detections dropped, N×N box IoU over all tiles."""
     parts = [
         (_old_drop_cut(inst, w, height, width), w.y0, w.x0) for inst, w in zip(found, windows, strict=True)
     ]

@@ -4,7 +4,7 @@ Both train the same model (params.yaml's, auxiliary heads off: the plain loop ha
 synthetic images (the demo dataset's generator, with larger images). The plain loop does the work the
 reference's way: each item loads its whole npz and builds one full-image mask per instance, the whole image
 goes through the model (no crop), fp32, and every loss component is read back to the host. Ours is
-``cellseg.train.train_one_epoch`` over ``CellDataset`` (memory-mapped reads, ``train.crop_size`` crops,
+``cellseg.train.loop.train_one_epoch`` over ``CellDataset`` (memory-mapped reads, ``train.crop_size`` crops,
 ``train.precision`` on CUDA, one host sync per step).
 
 Each loop runs in a fresh process: a warm-up step, then ``--steps`` timed steps; peak memory is the process's
@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from cellseg.data import CellDataset, collate
-from cellseg.distributed import DistInfo
+from cellseg.data.dataset import CellDataset, collate
+from cellseg.data.io import load_npz
 from cellseg.fsutil import atomic_dir
 from cellseg.instances import Instances
-from cellseg.io import load_npz
-from cellseg.model import build_model
+from cellseg.model.maskrcnn import build_model
 from cellseg.params import Params, load_params
+from cellseg.train.distributed import DistInfo
 
 BATCH = 2
 IMAGES = 8
@@ -91,7 +91,7 @@ def plain_steps(model, loader, optimizer, device: torch.device, steps: int) -> N
 
 
 def ours_steps(model, dataset, optimizer, scaler, device: torch.device, params: Params, steps: int) -> None:
-    from cellseg.train import train_one_epoch
+    from cellseg.train.loop import train_one_epoch
 
     items = [i % len(dataset) for i in range(steps * BATCH)]
     loader = DataLoader(Subset(dataset, items), batch_size=BATCH, shuffle=False, collate_fn=collate)
@@ -116,7 +116,7 @@ def run_loop(kind: str, precision: str, prepared: str, overrides: dict, steps: i
     """One loop in this (fresh) process: ``(images/s, peak RSS MB, peak CUDA MB)`` sent back."""
     import sys
 
-    from cellseg.train import autocast_dtype
+    from cellseg.train.loop import autocast_dtype
 
     sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the loop's progress bar would garble the figures
 
@@ -169,8 +169,8 @@ def measure(
 
 def make_dataset(root: Path) -> Path:
     """Synthetic images of 300–700 px in the demo dataset's format, prepared (train split only)."""
-    from cellseg.prepare import prepare_dataset
-    from cellseg.synth import write_dataset
+    from cellseg.data.prepare import prepare_dataset
+    from cellseg.data.synth import write_dataset
 
     params = load_params(overrides={**SYNTH, "data.val_fraction": 0.0})
     with atomic_dir(root / "raw") as tmp:

@@ -5,8 +5,8 @@ The stage (:func:`evaluate_checkpoint`) writes, all or nothing:
 - ``<predictions>/val-results.json``: COCO results (RLE masks, ``bbox`` ``[x, y, w, h]``, score, category
   1..4) and ``<predictions>/val-images.json`` (``[{"id", "name", "height", "width"}]``, ids 1..N in sample-name
   order), so that any COCO tool can re-score them;
-- ``<metrics>``: the flat metrics of :func:`cellseg.metrics.evaluate`, the nuclei metrics of
-  :mod:`cellseg.nuclei_metrics` (``pq``, ``dq``, ``sq``, ``mpq_plus``, ``aji``, ``aji_plus``, ``dice2``,
+- ``<metrics>``: the flat metrics of :func:`cellseg.eval.coco_metrics.evaluate`, the nuclei metrics of
+  :mod:`cellseg.eval.nuclei_metrics` (``pq``, ``dq``, ``sq``, ``mpq_plus``, ``aji``, ``aji_plus``, ``dice2``,
   ``precision``, ``recall``, ``f1``, ``pq_class<k>``, ``f1_class<k>``, on label maps at
   ``predict.label_score_threshold`` as tuned, recorded as ``pq_score_threshold``) plus ``checkpoint_epoch``;
 - ``<per_image>``: one CSV row per sample (name, n_true, n_pred, pq, dq, sq, aji, aji_plus, dice2, precision,
@@ -14,7 +14,7 @@ The stage (:func:`evaluate_checkpoint`) writes, all or nothing:
 - ``<plots>/pr/class<k>.csv``, ``<plots>/confusion.csv`` (rendered by ``dvc plots``) and
   ``<plots>/overlays/<sample>.png`` of the ``evaluate.n_overlays`` samples of lowest PQ;
 - ``<plots>/maps/<sample>.png`` of the same samples: the auxiliary heads' centre and boundary maps beside the
-  maps stage's targets (:func:`cellseg.plots.save_map_comparison`). The folder is always written; it stays
+  maps stage's targets (:func:`cellseg.eval.plots.save_map_comparison`). The folder is always written; it stays
   empty for a model without heads (``aux.enabled: false``) or when no maps folder is given.
 """
 
@@ -29,17 +29,17 @@ import numpy as np
 import torch
 
 from cellseg import CLASS_NAMES
-from cellseg.checkpoint import load_trained_model
+from cellseg.data.io import DataFormatError, list_samples, load_npz
+from cellseg.eval.coco_metrics import confusion_matrix
+from cellseg.eval.nuclei_metrics import SplitScores, per_image_csv
+from cellseg.eval.plots import save_map_comparison, save_overlay, write_confusion, write_pr_curves
+from cellseg.eval.score_model import ScoredSplit, nuclei_scores, score_files
 from cellseg.fsutil import atomic_dir, atomic_file, write_json
-from cellseg.io import DataFormatError, load_npz
-from cellseg.metrics import confusion_matrix
-from cellseg.nuclei_metrics import SplitScores, per_image_csv
+from cellseg.infer.predict import predict_image, predict_image_maps
+from cellseg.infer.prob_maps import ProbMaps
+from cellseg.model.checkpoint import load_trained_model
 from cellseg.params import Params
-from cellseg.plots import save_map_comparison, save_overlay, write_confusion, write_pr_curves
-from cellseg.postproc import ProbMaps
-from cellseg.predict import predict_image_maps
 from cellseg.rle import to_coco_results
-from cellseg.scoring import ScoredSplit, nuclei_scores, score_files
 
 RESULTS_FILE, IMAGES_FILE = "val-results.json", "val-images.json"
 PR_DIR, CONFUSION_FILE, OVERLAYS_DIR, MAPS_DIR = "pr", "confusion.csv", "overlays", "maps"
@@ -47,7 +47,7 @@ PR_DIR, CONFUSION_FILE, OVERLAYS_DIR, MAPS_DIR = "pr", "confusion.csv", "overlay
 MATCH_IOU = 0.5
 """Mask IoU at which the confusion matrix and the overlays count a match: the leaderboard's AP50 threshold."""
 MAP_KEYS = ("center", "boundary")
-"""The arrays of a maps-stage file (``cellseg.maps.write_maps``), at the prepared image's pixels."""
+"""The arrays of a maps-stage file (``cellseg.data.maps.write_maps``), at the prepared image's pixels."""
 
 MapPredictor = Callable[[np.ndarray], ProbMaps | None]
 """The heads' maps of one image at its pixels, ``None`` for a model without heads (``predict_image_maps``)."""
@@ -72,17 +72,6 @@ class EvalPaths:
     @property
     def per_image_csv(self) -> Path:
         return self.per_image or self.metrics.with_name(f"{self.metrics.stem}_per_image.csv")
-
-
-def list_samples(split_dir: Path) -> list[Path]:
-    """The prepared ``*.npz`` samples of a split, in name order; a missing or empty split is an error."""
-    files = sorted(p for p in Path(split_dir).glob("*.npz") if not p.name.startswith("."))
-    if not files:
-        raise DataFormatError(
-            f"{split_dir}: no prepared samples to evaluate (run the prepare stage; "
-            "data.val_fraction must leave at least one validation image)"
-        )
-    return files
 
 
 def coco_documents(scored: ScoredSplit) -> tuple[list[dict], list[dict]]:
@@ -220,7 +209,12 @@ def evaluate_checkpoint(paths: EvalPaths, params: Params, device: torch.device) 
     """The ``evaluate`` stage: predict the validation split with the checkpoint, score it, write every output."""
     files = list_samples(paths.val_dir)
     model, state = load_trained_model(paths.checkpoint, device)
-    scored = score_files(model, files, params, device, desc="evaluate val", postproc=params.postproc)
+    scored = score_files(
+        lambda image: predict_image(model, image, params.predict, device, params.postproc),
+        files,
+        params.predict.max_per_image,
+        desc="evaluate val",
+    )
 
     def predict_maps(image: np.ndarray) -> ProbMaps | None:
         return predict_image_maps(model, image, params.predict, device)[1] if model.has_aux else None

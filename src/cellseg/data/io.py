@@ -346,3 +346,14 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
         raise DataFormatError(f"{path}: file not found") from err
     except Exception as err:
         raise DataFormatError(f"{path}: cannot read as npz ({type(err).__name__}: {err})") from err
+
+
+def list_samples(split_dir: Path) -> list[Path]:
+    """The prepared ``*.npz`` samples of a split, in name order; a missing or empty split is an error."""
+    files = sorted(p for p in Path(split_dir).glob("*.npz") if not p.name.startswith("."))
+    if not files:
+        raise DataFormatError(
+            f"{split_dir}: no prepared samples to evaluate (run the prepare stage; "
+            "data.val_fraction must leave at least one validation image)"
+        )
+    return files

@@ -20,8 +20,8 @@ from skimage.segmentation import find_boundaries
 from tqdm import tqdm
 
 from cellseg import NUM_CLASSES
+from cellseg.data.io import DataFormatError, load_npz
 from cellseg.fsutil import atomic_dir, save_npz
-from cellseg.io import DataFormatError, load_npz
 from cellseg.params import MapsParams
 
 SPLITS = ("train", "val")

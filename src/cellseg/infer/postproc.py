@@ -25,62 +25,14 @@ Without maps (a model without heads) :func:`refine` returns the detections uncha
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 import numpy as np
 from scipy import ndimage
 from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
 
+from cellseg.infer.prob_maps import ProbMaps
 from cellseg.instances import Instances
 from cellseg.params import PostprocParams
-
-STITCH_MODES = ("mean", "max")
-
-
-@dataclass(frozen=True)
-class ProbMaps:
-    """The heads' centre and boundary probabilities of one image (float32 ``H×W`` in [0, 1])."""
-
-    center: np.ndarray
-    boundary: np.ndarray
-
-    def __post_init__(self) -> None:
-        if self.center.ndim != 2 or self.center.shape != self.boundary.shape:
-            raise ValueError(
-                f"centre and boundary maps must be 2-D and of one shape; got {self.center.shape} "
-                f"and {self.boundary.shape}"
-            )
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.center.shape
-
-
-def stitch_maps(
-    parts: Sequence[tuple[ProbMaps, int, int]], height: int, width: int, reduce: str = "mean"
-) -> ProbMaps:
-    """One image's maps from tiles ``(maps, y0, x0)``: overlaps averaged (``mean``) or their maximum (``max``).
-
-    Pixels no tile covers are 0.
-    """
-    if reduce not in STITCH_MODES:
-        raise ValueError(f"reduce must be one of {', '.join(STITCH_MODES)}; got {reduce!r}")
-    total = np.zeros((2, height, width), np.float32)
-    count = np.zeros((height, width), np.float32)
-    for maps, y0, x0 in parts:
-        h, w = maps.shape
-        window = (slice(None), slice(y0, y0 + h), slice(x0, x0 + w))
-        tile = np.stack([maps.center, maps.boundary])
-        if reduce == "mean":
-            total[window] += tile
-        else:
-            np.maximum(total[window], tile, out=total[window])
-        count[window[1:]] += 1
-    if reduce == "mean":
-        total /= np.maximum(count, 1)
-    return ProbMaps(total[0], total[1])
 
 
 def refine(inst: Instances, maps: ProbMaps | None, params: PostprocParams) -> Instances:

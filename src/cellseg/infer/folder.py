@@ -22,14 +22,14 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from cellseg import NUM_CLASSES, CellsegError
+from cellseg.data.io import CLASS_FILES, DataFormatError, read_image, to_rgb8, write_label_tif
+from cellseg.eval.nuclei_metrics import label_map
 from cellseg.fsutil import atomic_dir, save_npz
+from cellseg.infer.predict import predict_images_maps
+from cellseg.infer.prob_maps import ProbMaps
 from cellseg.instances import Instances
-from cellseg.io import CLASS_FILES, DataFormatError, read_image, to_rgb8, write_label_tif
-from cellseg.model import CellMaskRCNN
-from cellseg.nuclei_metrics import label_map
+from cellseg.model.maskrcnn import CellMaskRCNN
 from cellseg.params import PostprocParams, PredictParams
-from cellseg.postproc import ProbMaps
-from cellseg.predict import predict_images_maps
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 _PIL_MODES = ("L", "RGB", "RGBA", "I;16", "I;16L", "I;16B", "I", "F")  # read as arrays, not converted
@@ -56,7 +56,7 @@ def read_any_image(path: Path) -> np.ndarray:
     """``uint8 H×W×3`` from a tif (as the dataset's images are read) or from any format Pillow opens.
 
     The EXIF orientation is applied (a phone or slide-scanner JPEG shows upright, as in a viewer), and
-    16-bit, 32-bit integer and float images go through :func:`cellseg.io.to_rgb8` (bit-depth scaling, range
+    16-bit, 32-bit integer and float images go through :func:`cellseg.data.io.to_rgb8` (bit-depth scaling, range
     check) instead of Pillow's ``convert("RGB")``, which clips them to 0..255.
     """
     if path.suffix.lower() in (".tif", ".tiff"):
@@ -78,7 +78,7 @@ def read_any_image(path: Path) -> np.ndarray:
 def label_maps(inst: Instances, params: PredictParams) -> dict[int, np.ndarray]:
     """Per class present, a float64 ``H×W`` label image; ids run across classes, by class then by score.
 
-    One nucleus per pixel across all classes, by the project's one rule (:func:`cellseg.nuclei_metrics.label_map`:
+    One nucleus per pixel across all classes, by the project's one rule (:func:`cellseg.eval.nuclei_metrics.label_map`:
     detections below ``label_score_threshold`` dropped, each pixel to the highest-scoring instance, an instance
     keeping less than ``min_kept_fraction`` of its mask dropped), so overlapping detections never leave
     fragments and the files hold exactly the nuclei that the PQ figures score.

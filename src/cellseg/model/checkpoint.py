@@ -21,9 +21,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from cellseg import CellsegError
 from cellseg.fsutil import atomic_file
-from cellseg.model import CellMaskRCNN, build_model
+from cellseg.model.maskrcnn import CellMaskRCNN, build_model, for_inference
 from cellseg.params import AuxParams, ModelParams, Params
-from cellseg.predict import for_inference
 
 
 def save_checkpoint(
@@ -145,7 +144,7 @@ class CheckpointError(CellsegError, ValueError):
 def load_trained_model(checkpoint: str | Path, device: torch.device) -> tuple[CellMaskRCNN, dict]:
     """The model a checkpoint was trained with (its own model/aux params, not params.yaml's), ready for inference.
 
-    Returns ``(model, checkpoint dict)``; the model is in eval mode on ``device`` (see ``predict.for_inference``).
+    Returns ``(model, checkpoint dict)``; the model is in eval mode on ``device`` (see ``maskrcnn.for_inference``).
     A foreign file (a plain state dict, weights of another model, a checkpoint of an older cellseg whose params
     differ) is a :class:`CheckpointError` that says what is missing.
     """

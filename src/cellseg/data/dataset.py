@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cellseg.data.io import DataFormatError, load_npz
 from cellseg.instances import Instances
-from cellseg.io import DataFormatError, load_npz
 from cellseg.params import AugmentParams
 
 

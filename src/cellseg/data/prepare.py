@@ -14,8 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cellseg import CLASS_NAMES
-from cellseg.fsutil import atomic_dir, write_json
-from cellseg.io import (
+from cellseg.data.io import (
     DataFormatError,
     list_test_images,
     list_train_samples,
@@ -24,6 +23,7 @@ from cellseg.io import (
     save_test_npz,
     save_train_npz,
 )
+from cellseg.fsutil import atomic_dir, write_json
 from cellseg.params import DataParams
 
 SPLITS = ("train", "val")

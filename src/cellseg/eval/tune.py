@@ -6,14 +6,14 @@ StarDist does with its ``thresholds.json``, the ``tune`` stage predicts the vali
 threshold of ``predict.tune_mask_grid``, scores the label maps at every score threshold of
 ``predict.tune_score_grid`` and keeps the pair with the highest PQ (the first one on a tie).
 
-The map-guided steps (``cellseg.postproc``) find centre peaks above ``postproc.peak_threshold``, a centre
+The map-guided steps (``cellseg.infer.postproc``) find centre peaks above ``postproc.peak_threshold``, a centre
 probability, and how high a trained head's centre probabilities reach depends on the training too (about 0.25
 on consep-dev after 6 epochs, where the default 0.5 finds no peak at all). So when a step is on and the model has
 the heads, every value of ``postproc.tune_peak_grid`` is tried on the same predictions (the model runs once per
 mask threshold; only the cheap steps rerun) and the best (score, mask, peak) triple is kept.
 
-``evaluate``, ``submit`` and ``stages/predict.py`` then read ``models/thresholds.json`` through
-:func:`tuned_predict_params` and :func:`tuned_postproc_params`:
+``evaluate``, ``submit`` and ``cellseg predict`` then read ``models/thresholds.json`` through
+:mod:`cellseg.infer.thresholds`:
 
 - ``mask_threshold`` applies everywhere (the masks of the COCO results too);
 - ``label_score_threshold`` applies to label maps and PQ-type figures; COCO results keep every detection above
@@ -29,32 +29,20 @@ heads its ``peak_threshold`` is the params' own, so the pipeline has one path. A
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from cellseg.eval.nuclei_metrics import score_split
+from cellseg.eval.score_model import load_labelled
+from cellseg.infer.detect import detect_image, postprocess
+from cellseg.infer.postproc import refine
+from cellseg.infer.predict import predict_image
+from cellseg.infer.thresholds import PEAK_KEY, TUNED_KEYS, untuned
 from cellseg.instances import Instances
-from cellseg.io import DataFormatError
-from cellseg.model import CellMaskRCNN
-from cellseg.nuclei_metrics import score_split
+from cellseg.model.maskrcnn import CellMaskRCNN
 from cellseg.params import PostprocParams, PredictParams
-from cellseg.postproc import refine
-from cellseg.predict import detect_image, postprocess, predict_image
-from cellseg.scoring import load_labelled
-
-THRESHOLDS_FILE = "thresholds.json"
-TUNED_KEYS = ("label_score_threshold", "mask_threshold")
-PEAK_KEY = "peak_threshold"  # postproc.peak_threshold: stored always, tuned only with a step on and heads
-
-
-def untuned(params: PredictParams, postproc: PostprocParams | None = None) -> dict:
-    """The thresholds file of a run that does not tune: the params' own values."""
-    stored = {"tuned": False, **{key: getattr(params, key) for key in TUNED_KEYS}}
-    if postproc is not None:
-        stored[PEAK_KEY] = postproc.peak_threshold
-    return stored
 
 
 def tunes_peaks(model: CellMaskRCNN, params: PredictParams, postproc: PostprocParams | None) -> bool:
@@ -121,50 +109,3 @@ def tune_thresholds(
         "val_images": len(files),
         "tried": tried,
     }
-
-
-def _read_thresholds(path: Path) -> dict:
-    if not path.is_file():
-        raise DataFormatError(f"{path}: no thresholds file (run the tune stage: dvc repro tune)")
-    try:
-        stored = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise _not_a_thresholds_file(path, err) from None
-    if not isinstance(stored, dict):
-        raise _not_a_thresholds_file(path, f"a {type(stored).__name__}, not a mapping")
-    return stored
-
-
-def _not_a_thresholds_file(path: Path, why: object) -> DataFormatError:
-    return DataFormatError(f"{path}: not a thresholds file ({why}); rerun the tune stage or delete the file")
-
-
-def tuned_predict_params(params: PredictParams, thresholds_path: str | Path | None) -> PredictParams:
-    """``params`` with the thresholds stored in ``thresholds_path`` (``None``: the params' own values)."""
-    if thresholds_path is None:
-        return params
-    path = Path(thresholds_path)
-    stored = _read_thresholds(path)
-    try:
-        values = {key: float(stored[key]) for key in TUNED_KEYS}
-    except (KeyError, TypeError, ValueError) as err:
-        raise _not_a_thresholds_file(path, err) from None
-    return dataclasses.replace(params, **values)
-
-
-def tuned_postproc_params(postproc: PostprocParams, thresholds_path: str | Path | None) -> PostprocParams:
-    """``postproc`` at the peak threshold stored in ``thresholds_path``, ``recover_threshold`` scaled with it
-    (``None``, or a file without ``peak_threshold``: the params' own values)."""
-    if thresholds_path is None:
-        return postproc
-    path = Path(thresholds_path)
-    stored = _read_thresholds(path)
-    if PEAK_KEY not in stored:
-        return postproc
-    try:
-        peak = float(stored[PEAK_KEY])
-    except (TypeError, ValueError) as err:
-        raise _not_a_thresholds_file(path, f"{PEAK_KEY}: {err}") from None
-    if not 0.0 < peak < 1.0:
-        raise _not_a_thresholds_file(path, f"{PEAK_KEY} {peak!r} is not a probability in (0, 1)")
-    return postproc.at_peak_threshold(peak)

@@ -9,7 +9,7 @@ types that differ the way real ones do (size, outline, darkness, chromatin textu
 - class3, neutrophil-like: medium nuclei of 2-4 dark lobes joined by thin bridges, in a pale pink cytoplasm;
 - class4, macrophage-like: large, pale, mottled, kidney-shaped or irregular nuclei in foamy cytoplasm.
 
-It is written with :func:`cellseg.io.write_image_tif` and :func:`cellseg.io.write_label_tif`, so the files carry
+It is written with :func:`cellseg.data.io.write_image_tif` and :func:`cellseg.data.io.write_label_tif`, so the files carry
 every quirk of the real ones: RGBA LZW images, float64 masks, one id counter running across the class files of
 an image, absent class files, touching instances that share borders, and rare overlaps between classes.
 
@@ -30,8 +30,8 @@ from scipy import ndimage
 from skimage import draw
 
 from cellseg import CLASS_NAMES, NUM_CLASSES
+from cellseg.data.io import IMAGE_FILE, TEST_DIR, TEST_MAPPING, write_image_tif, write_label_tif
 from cellseg.fsutil import write_json
-from cellseg.io import IMAGE_FILE, TEST_DIR, TEST_MAPPING, write_image_tif, write_label_tif
 from cellseg.params import SynthParams
 
 TYPICAL_SIDE = 290  # median side of an ordinary image, px (real median test image: about 374×464)

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Sampler
 
 from cellseg import NUM_CLASSES
-from cellseg.io import load_npz
+from cellseg.data.io import load_npz
 
 
 def classes_present(files: list[Path]) -> np.ndarray:

@@ -1,37 +1,33 @@
-"""Inference on images of any size: tiling, box-local mask pasting and post-processing.
+"""Detection on images of any size: the model's forward pass, box-local mask pasting and tiling.
 
-One function, :func:`predict_image`, serves the training loop's validation, the ``evaluate`` and ``submit``
-stages and ``stages/predict.py``, so every figure comes from the same predictions.
+Everything between an image and its detections, without the map-guided post-processing: the training loop's
+validation, the tune stage and every prediction entry point share it, so every figure comes from the same
+detections.
 
 - **Box-local paste.** torchvision pastes each 28×28 mask into a full-size image (N×H×W floats: 1.2 GB for
   300 cells in a 1000×1000 image). Here each mask is resized inside its own (expanded) box, with exactly
   torchvision's geometry (``expand_masks``/``expand_boxes``, bilinear), thresholded and kept as a crop.
-- **Tiling.** Images larger than ``tile_size`` are cut into tiles overlapping by ``tile_overlap``; ``cellseg.tiling``
-  merges their detections (cut cells dropped where another tile sees them whole, joined where none does;
-  duplicates removed within the overlap bands). No cell is lost or doubled at a seam.
+- **Tiling.** Images larger than ``tile_size`` are cut into tiles overlapping by ``tile_overlap``;
+  ``cellseg.infer.tiling`` merges their detections (cut cells dropped where another tile sees them whole, joined
+  where none does; duplicates removed within the overlap bands). No cell is lost or doubled at a seam.
 - **Speed.** ``CellMaskRCNN.detect`` runs under ``torch.inference_mode`` (and fp16 autocast on CUDA);
-  equal-sized images and tiles share a
-  forward pass (:func:`predict_images`); :func:`for_inference` gives CPU models channels-last weights.
-- **Maps.** A model with auxiliary heads also gives centre and boundary maps (stitched across tiles); given
-  ``postproc`` params, :func:`cellseg.postproc.refine` uses them before the score threshold and the cap.
+  equal-sized images and tiles share a forward pass; :func:`for_inference` gives CPU models channels-last weights.
+- **Maps.** A model with auxiliary heads also gives centre and boundary maps, stitched across tiles.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
+from cellseg.infer.prob_maps import ProbMaps, stitch_maps
+from cellseg.infer.tiling import merge_tiles, tile_windows
+from cellseg.infer.tta import detect_with_flips
 from cellseg.instances import Instances
-from cellseg.model import CellMaskRCNN
-from cellseg.params import PostprocParams, PredictParams
-from cellseg.postproc import ProbMaps, refine, stitch_maps
-from cellseg.tiling import merge_tiles, tile_windows
-from cellseg.tiling import tile_starts as tile_starts  # re-exported: it lived here before
-from cellseg.tta import detect_with_flips
+from cellseg.model.maskrcnn import CellMaskRCNN
+from cellseg.params import PredictParams
 
 
 def paste_masks(
@@ -83,7 +79,7 @@ def _image_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).to(device).float().div_(255.0)
 
 
-def _detect(
+def detect_batch(
     model: CellMaskRCNN, images: list[np.ndarray], device: torch.device, params: PredictParams
 ) -> list[tuple[Instances, ProbMaps | None]]:
     """Run the model (with ``params.tta_views`` flips) over ``images`` in batches of equal-sized images:
@@ -123,50 +119,8 @@ def postprocess(inst: Instances, params: PredictParams) -> Instances:
     return resolve_overlaps(inst) if params.resolve_overlaps else inst
 
 
-def for_inference(model: CellMaskRCNN, device: torch.device | str) -> CellMaskRCNN:
-    """Eval mode on ``device``; on the CPU with channels-last weights, which oneDNN convolves about 20% faster.
-
-    For a model used only for inference (submission, folder prediction): a training loop keeps its own layout.
-    """
-    device = torch.device(device)
-    model = model.to(device).eval()
-    return model.to(memory_format=torch.channels_last) if device.type == "cpu" else model
-
-
-def _is_tiled(image: np.ndarray, params: PredictParams) -> bool:
+def is_tiled(image: np.ndarray, params: PredictParams) -> bool:
     return max(image.shape[:2]) > params.tile_size
-
-
-def _finish(
-    inst: Instances, maps: ProbMaps | None, params: PredictParams, postproc: PostprocParams | None
-) -> Instances:
-    """The map-guided steps (when asked for and the model has heads), then :func:`postprocess`."""
-    if postproc is not None:
-        inst = refine(inst, maps, postproc)
-    return postprocess(inst, params)
-
-
-def predict_image(
-    model: CellMaskRCNN,
-    image: np.ndarray,
-    params: PredictParams,
-    device: torch.device | str = "cpu",
-    postproc: PostprocParams | None = None,
-) -> Instances:
-    """Instances of one ``uint8 H×W×3`` image at its own resolution; tiled when larger than the tile size."""
-    return predict_image_maps(model, image, params, device, postproc)[0]
-
-
-def predict_image_maps(
-    model: CellMaskRCNN,
-    image: np.ndarray,
-    params: PredictParams,
-    device: torch.device | str = "cpu",
-    postproc: PostprocParams | None = None,
-) -> tuple[Instances, ProbMaps | None]:
-    """:func:`predict_image` and the heads' maps at the image's pixels (``None`` without heads)."""
-    inst, maps = detect_image(model, image, params, device)
-    return _finish(inst, maps, params, postproc), maps
 
 
 def detect_image(
@@ -178,63 +132,23 @@ def detect_image(
     tune stage runs the model once and tries several ``postproc`` params on the same detections.
     """
     device = torch.device(device)
-    if not _is_tiled(image, params):
-        ((inst, maps),) = _detect(model, [image], device, params)
+    if not is_tiled(image, params):
+        ((inst, maps),) = detect_batch(model, [image], device, params)
         return inst, maps
     height, width = image.shape[:2]
     windows = tile_windows(height, width, params.tile_size, params.tile_overlap)
     tiles = [image[w.y0 : w.y0 + w.height, w.x0 : w.x0 + w.width] for w in windows]
-    found = _detect(model, tiles, device, params)
+    found = detect_batch(model, tiles, device, params)
     tile_maps = [(maps, w.y0, w.x0) for (_, maps), w in zip(found, windows, strict=True)]
     maps = stitch_maps(tile_maps, height, width) if tile_maps[0][0] is not None else None
     return merge_tiles([inst for inst, _ in found], windows, height, width), maps
 
 
-def predict_images(
-    model: CellMaskRCNN,
-    images: Iterable[np.ndarray],
-    params: PredictParams,
-    device: torch.device | str = "cpu",
-    postproc: PostprocParams | None = None,
-) -> Iterator[Instances]:
-    """:func:`predict_image` of each image, in order and lazily.
-
-    Consecutive untiled images of the same size share a forward pass (``params.batch_size`` at most), so
-    callers that order images by size get batching without padding, which would change the detections.
-    """
-    for inst, _ in predict_images_maps(model, images, params, device, postproc):
-        yield inst
 
 
-def predict_images_maps(
-    model: CellMaskRCNN,
-    images: Iterable[np.ndarray],
-    params: PredictParams,
-    device: torch.device | str = "cpu",
-    postproc: PostprocParams | None = None,
-) -> Iterator[tuple[Instances, ProbMaps | None]]:
-    """:func:`predict_images` with each image's maps (``None`` without heads), as :func:`predict_image_maps`."""
-    device = torch.device(device)
-    model.eval()
-    pending: list[np.ndarray] = []
-    for image in images:
-        tiled = _is_tiled(image, params)
-        if pending and (tiled or image.shape != pending[0].shape or len(pending) == params.batch_size):
-            yield from _predict_untiled(model, pending, params, device, postproc)
-            pending = []
-        if tiled:
-            yield predict_image_maps(model, image, params, device, postproc)
-        else:
-            pending.append(image)
-    yield from _predict_untiled(model, pending, params, device, postproc)
-
-
-def _predict_untiled(
-    model: CellMaskRCNN,
-    images: list[np.ndarray],
-    params: PredictParams,
-    device: torch.device,
-    postproc: PostprocParams | None,
-) -> list[tuple[Instances, ProbMaps | None]]:
-    found = _detect(model, images, device, params)
-    return [(_finish(inst, maps, params, postproc), maps) for inst, maps in found]
+def detect_and_select(
+    model: CellMaskRCNN, image: np.ndarray, params: PredictParams, device: torch.device | str = "cpu"
+) -> Instances:
+    """One image's detections after :func:`postprocess`, without map-guided steps (the training loop's
+    validation: post-processing is tuned later on the trained model)."""
+    return postprocess(detect_image(model, image, params, device)[0], params)

@@ -10,8 +10,8 @@ from a stock torchvision model, each for a reason:
 - The auxiliary maps travel inside the targets through exactly the same resize and padding as the image, so
   they stay aligned with the features however the images of a batch differ in size.
 - :meth:`CellMaskRCNN.detect` returns the 28×28 mask probabilities unpasted: pasting every mask into a
-  full-size image costs N×H×W, which ``cellseg.predict`` avoids. With the heads it also returns their centre
-  and boundary probabilities at the input image's pixels, for ``cellseg.postproc``.
+  full-size image costs N×H×W, which ``cellseg.infer.predict`` avoids. With the heads it also returns their centre
+  and boundary probabilities at the input image's pixels, for ``cellseg.infer.postproc``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.ops.poolers import initLevelMapper
 
-from cellseg import NUM_CLASSES, CellsegError, mask_targets
+from cellseg import NUM_CLASSES, CellsegError
+from cellseg.model import mask_targets
 from cellseg.params import AuxParams, ModelParams
 
 mask_targets.install()  # mask targets from the matched masks only (same values, a fraction of the memory)
@@ -462,3 +463,13 @@ def _freeze_batchnorm(module: nn.Module) -> None:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def for_inference(model: CellMaskRCNN, device: torch.device | str) -> CellMaskRCNN:
+    """Eval mode on ``device``; on the CPU with channels-last weights, which oneDNN convolves about 20% faster.
+
+    For a model used only for inference (submission, folder prediction): a training loop keeps its own layout.
+    """
+    device = torch.device(device)
+    model = model.to(device).eval()
+    return model.to(memory_format=torch.channels_last) if device.type == "cpu" else model

@@ -18,8 +18,8 @@ from matplotlib.lines import Line2D
 from skimage.measure import find_contours
 
 from cellseg import CLASS_NAMES
+from cellseg.eval.coco_metrics import RECALL_THRESHOLDS, match_instances
 from cellseg.instances import Instances
-from cellseg.metrics import RECALL_THRESHOLDS, match_instances
 
 BACKGROUND_NAME = "background"
 """The confusion matrix's name for "no instance": a missed cell (predicted) or a false positive (actual)."""
@@ -60,7 +60,7 @@ def write_pr_curves(folder: Path, pr_curves: np.ndarray) -> None:
 
 
 def confusion_rows(matrix: np.ndarray) -> list[tuple[str, str]]:
-    """One ``(actual, predicted)`` pair per counted instance of a :func:`cellseg.metrics.confusion_matrix`.
+    """One ``(actual, predicted)`` pair per counted instance of a :func:`cellseg.eval.coco_metrics.confusion_matrix`.
 
     DVC's ``confusion`` template counts rows, so a cell holding ``n`` becomes ``n`` identical rows.
     """

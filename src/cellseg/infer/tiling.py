@@ -1,6 +1,6 @@
 """Tiled inference on large images: where the tiles go, and how their detections become one instance set.
 
-Apart from the forward pass and the mask paste (``cellseg.predict``), because the merge has rules of its own:
+Apart from the forward pass and the mask paste (``cellseg.infer.predict``), because the merge has rules of its own:
 
 - **Cut detections.** A detection touching a tile edge that lies inside the image is a cell cut by that tile.
   It is kept only when no other tile sees the cell whole (a *large cell*, wider than the overlap); the

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cellseg.data.io import DataFormatError, load_npz
 from cellseg.fsutil import atomic_dir
-from cellseg.io import DataFormatError, load_npz
-from cellseg.model import CellMaskRCNN
+from cellseg.infer.predict import predict_images
+from cellseg.model.maskrcnn import CellMaskRCNN
 from cellseg.params import PostprocParams, PredictParams
-from cellseg.predict import predict_images
 from cellseg.rle import to_coco_results
 
 RESULTS_FILE = "test-results.json"

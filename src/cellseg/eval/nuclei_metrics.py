@@ -1,6 +1,6 @@
 """The nuclei field's own metrics on label maps: PQ (DQ × SQ), mPQ⁺, AJI, AJI⁺, DICE2 and detection F1.
 
-COCO AP (:mod:`cellseg.metrics`) scores a ranked list of overlapping masks; the nuclei literature (HoVer-Net's
+COCO AP (:mod:`cellseg.eval.coco_metrics`) scores a ranked list of overlapping masks; the nuclei literature (HoVer-Net's
 ``stats_utils``, StarDist's ``matching``, the CoNIC challenge) scores **label maps**, where every pixel belongs
 to at most one nucleus. This module holds those metrics and nothing else (no model code).
 

@@ -1,4 +1,4 @@
-"""Score any COCO results file against a folder of truth: ``python -m cellseg.score RESULTS TRUTH_DIR MAPPING_JSON``.
+"""Score any COCO results file against a folder of truth: ``python -m cellseg.eval.score_results RESULTS TRUTH_DIR MAPPING_JSON``.
 
 RESULTS is a COCO results JSON (``[{"image_id", "category_id", "segmentation": RLE, "score"}, ...]``) or a
 ``submission.zip`` holding ``test-results.json``. TRUTH_DIR holds one ``<stem>/class1..4.tif`` folder per image
@@ -6,8 +6,8 @@ of the mapping (the layout of ``test_truth/`` or of a raw ``train/``; ``<stem>``
 without extension); a missing folder or class file means no nucleus. MAPPING_JSON is the
 ``test_image_name_to_ids.json`` that gave the results their ``image_id``.
 
-Figures: COCO mask AP (:func:`cellseg.metrics.evaluate`: AP50 and AP at the leaderboard's 100 detections per
-image and class) and the nuclei metrics of :mod:`cellseg.nuclei_metrics` on label maps made from the results
+Figures: COCO mask AP (:func:`cellseg.eval.coco_metrics.evaluate`: AP50 and AP at the leaderboard's 100 detections per
+image and class) and the nuclei metrics of :mod:`cellseg.eval.nuclei_metrics` on label maps made from the results
 scoring at least ``--score-threshold``.
 """
 
@@ -25,11 +25,11 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from cellseg import CLASS_NAMES, NUM_CLASSES, CellsegError
+from cellseg.data.io import CLASS_FILES, TestEntry, read_label, read_test_mapping
+from cellseg.eval.coco_metrics import LEADERBOARD_MAX_DETECTIONS, evaluate
+from cellseg.eval.nuclei_metrics import DEFAULT_MIN_KEPT_FRACTION, SplitScores, per_image_csv, score_split
+from cellseg.infer.submit import RESULTS_FILE
 from cellseg.instances import Instances
-from cellseg.io import CLASS_FILES, TestEntry, read_label, read_test_mapping
-from cellseg.metrics import LEADERBOARD_MAX_DETECTIONS, evaluate
-from cellseg.nuclei_metrics import DEFAULT_MIN_KEPT_FRACTION, SplitScores, per_image_csv, score_split
-from cellseg.submit import RESULTS_FILE
 
 DEFAULT_SCORE_THRESHOLD = 0.5
 
@@ -245,7 +245,7 @@ def write_per_image(path: str | Path, nuclei: SplitScores) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cellseg.score", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m cellseg.eval.score_results", description=__doc__.splitlines()[0])
     parser.add_argument(
         "results", type=Path, help="COCO results JSON, or a submission.zip holding test-results.json"
     )
@@ -285,6 +285,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from cellseg.cli import run
+    from cellseg.entry import run
 
     run(main)

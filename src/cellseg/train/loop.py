@@ -20,7 +20,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from cellseg import CellsegError
-from cellseg.checkpoint import (
+from cellseg.data.dataset import CellDataset, build_augmentation, collate
+from cellseg.data.io import load_npz
+from cellseg.data.sampling import RepeatFactorSampler, classes_present, repeat_factors
+from cellseg.device import select_device
+from cellseg.eval.score_model import nuclei_scores, score_files
+from cellseg.fsutil import write_json
+from cellseg.infer.detect import detect_and_select
+from cellseg.model.checkpoint import (
     load_checkpoint,
     restore_scaler,
     resume_changes,
@@ -28,9 +35,9 @@ from cellseg.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from cellseg.data import CellDataset, build_augmentation, collate
-from cellseg.device import select_device
-from cellseg.distributed import (
+from cellseg.model.maskrcnn import CellMaskRCNN, build_model, count_parameters, download_pretrained
+from cellseg.params import Params, ParamsError
+from cellseg.train.distributed import (
     DistInfo,
     barrier,
     cleanup,
@@ -39,12 +46,6 @@ from cellseg.distributed import (
     run_on_main,
     sum_across_ranks,
 )
-from cellseg.fsutil import write_json
-from cellseg.io import load_npz
-from cellseg.model import CellMaskRCNN, build_model, count_parameters, download_pretrained
-from cellseg.params import Params, ParamsError
-from cellseg.sampling import RepeatFactorSampler, classes_present, repeat_factors
-from cellseg.scoring import nuclei_scores, score_files
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -182,13 +183,19 @@ def _evaluate_epoch(model: CellMaskRCNN, paths: TrainPaths, params: Params, devi
     """mAP on the validation split and on a fixed subset of the training split (the reference logged both),
     and the validation split's PQ and mPQ⁺."""
     results = {}
+    model.eval()
     subsets = {
         "val": sorted((paths.prepared / "val").glob("*.npz")),
         "train_subset": sorted((paths.prepared / "train").glob("*.npz"))[: params.train.train_eval_images],
     }
     for name, files in subsets.items():
         if files:
-            scored = score_files(model, files, params, device, desc=f"eval {name}")
+            scored = score_files(
+                lambda image: detect_and_select(model, image, params.predict, device),
+                files,
+                params.predict.max_per_image,
+                desc=f"eval {name}",
+            )
             results.update({f"{name}/map": scored.metrics["map"], f"{name}/map_50": scored.metrics["map_50"]})
             if name == "val":
                 nuclei = nuclei_scores(scored, params.predict).metrics

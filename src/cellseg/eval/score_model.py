@@ -1,25 +1,26 @@
 """Scoring a model on prepared, labelled samples: shared by the training loop and the ``evaluate`` stage.
 
-Predictions come from :func:`cellseg.predict.predict_image` (the submission's own path) and are scored by
-:func:`cellseg.metrics.evaluate` at the dense cap ``predict.max_per_image``, and by the nuclei metrics
-(:func:`nuclei_scores`) on label maps at ``predict.label_score_threshold``.
+The caller passes the prediction function (the training loop: raw detections, ``detect_and_select``; the
+evaluate stage: with map-guided post-processing, ``predict_image``), so that scoring does not pull inference
+code into training. Predictions are scored by :func:`cellseg.eval.coco_metrics.evaluate` at the dense cap
+``predict.max_per_image``, and by the nuclei metrics (:func:`nuclei_scores`) on label maps at
+``predict.label_score_threshold``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 from tqdm import tqdm
 
+from cellseg.data.io import DataFormatError, load_npz
+from cellseg.eval.coco_metrics import Evaluation, evaluate
+from cellseg.eval.nuclei_metrics import SplitScores, score_split
 from cellseg.instances import Instances
-from cellseg.io import DataFormatError, load_npz
-from cellseg.metrics import Evaluation, evaluate
-from cellseg.model import CellMaskRCNN
-from cellseg.nuclei_metrics import SplitScores, score_split
-from cellseg.params import Params, PostprocParams, PredictParams
-from cellseg.predict import predict_image
+from cellseg.params import PredictParams
 
 
 @dataclass
@@ -45,26 +46,16 @@ def load_labelled(path: Path) -> tuple:
 
 
 def score_files(
-    model: CellMaskRCNN,
-    files: list[Path],
-    params: Params,
-    device: torch.device,
-    desc: str = "evaluate",
-    postproc: PostprocParams | None = None,
+    predict: Callable[[np.ndarray], Instances], files: list[Path], max_detections: int, desc: str = "evaluate"
 ) -> ScoredSplit:
-    """Predict every sample of ``files`` and score the predictions against their labels.
-
-    ``postproc`` adds the map-guided steps (the evaluate stage); the training loop scores the raw detections,
-    so that post-processing can be tuned on a trained model without training again.
-    """
-    model.eval()
+    """Predict every sample of ``files`` with ``predict(image)`` and score the predictions against their labels
+    (COCO AP at ``max_detections`` per image and class)."""
     ground_truth, predictions = [], []
     for path in tqdm(files, desc=desc, unit="img", leave=False):
         image, gt = load_labelled(path)
         ground_truth.append(gt)
-        predictions.append(predict_image(model, image, params.predict, device, postproc))
-    evaluation = evaluate(ground_truth, predictions, max_detections=params.predict.max_per_image)
-    return ScoredSplit([p.stem for p in files], ground_truth, predictions, evaluation)
+        predictions.append(predict(image))
+    return score_predictions([p.stem for p in files], ground_truth, predictions, max_detections)
 
 
 def score_predictions(
@@ -75,7 +66,7 @@ def score_predictions(
 
 
 def nuclei_scores(scored: ScoredSplit, params: PredictParams) -> SplitScores:
-    """PQ, mPQ⁺, AJI, DICE2, F1 … of a scored split (:mod:`cellseg.nuclei_metrics`), on label maps at
+    """PQ, mPQ⁺, AJI, DICE2, F1 … of a scored split (:mod:`cellseg.eval.nuclei_metrics`), on label maps at
     ``params.label_score_threshold`` (the tuned one, where the caller applied ``models/thresholds.json``)."""
     return score_split(
         scored.names,
