@@ -38,14 +38,7 @@ lint: setup
 # Every benchmark prints its figures and a ratio against a baseline measured in the same run.
 # bench-inference needs a trained model: run `make demo` first.
 bench: setup
-	$(RUN) python -m cellseg.bench.prepare
-	$(RUN) python -m cellseg.bench.maps
-	$(RUN) python -m cellseg.bench.metric
-	$(RUN) python -m cellseg.bench.aux
-	$(RUN) python -m cellseg.bench.tiling
-	$(RUN) python -m cellseg.bench.train
-	$(RUN) python -m cellseg.bench.postproc
-	$(RUN) python -m cellseg.bench.inference models/best.pt
+	$(RUN) cellseg bench
 
 real-cpu: setup
 	$(RUN) dvc exp run $(REAL_CPU)

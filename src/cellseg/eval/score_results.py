@@ -1,4 +1,4 @@
-"""Score any COCO results file against a folder of truth: ``python -m cellseg.eval.score_results RESULTS TRUTH_DIR MAPPING_JSON``.
+"""Score any COCO results file against a folder of truth: ``cellseg score RESULTS TRUTH_DIR MAPPING_JSON``.
 
 RESULTS is a COCO results JSON (``[{"image_id", "category_id", "segmentation": RLE, "score"}, ...]``) or a
 ``submission.zip`` holding ``test-results.json``. TRUTH_DIR holds one ``<stem>/class1..4.tif`` folder per image
@@ -244,8 +244,8 @@ def write_per_image(path: str | Path, nuclei: SplitScores) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cellseg.eval.score_results", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "cellseg score") -> None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument(
         "results", type=Path, help="COCO results JSON, or a submission.zip holding test-results.json"
     )

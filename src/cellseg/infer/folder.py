@@ -13,6 +13,8 @@ beside the label maps: ``center.png`` and ``boundary.png`` (8-bit, 255 = 1.0) or
 
 from __future__ import annotations
 
+import argparse
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,13 +25,16 @@ from tqdm import tqdm
 
 from cellseg import NUM_CLASSES, CellsegError
 from cellseg.data.io import CLASS_FILES, DataFormatError, read_image, to_rgb8, write_label_tif
+from cellseg.device import select_device
 from cellseg.eval.nuclei_metrics import label_map
 from cellseg.fsutil import atomic_dir, save_npz
 from cellseg.infer.predict import predict_images_maps
 from cellseg.infer.prob_maps import ProbMaps
+from cellseg.infer.thresholds import THRESHOLDS_FILE, tuned_postproc_params, tuned_predict_params
 from cellseg.instances import Instances
+from cellseg.model.checkpoint import load_trained_model
 from cellseg.model.maskrcnn import CellMaskRCNN
-from cellseg.params import PostprocParams, PredictParams
+from cellseg.params import PostprocParams, PredictParams, load_params
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 _PIL_MODES = ("L", "RGB", "RGBA", "I;16", "I;16L", "I;16B", "I", "F")  # read as arrays, not converted
@@ -162,3 +167,39 @@ def predict_folder(
             for k in range(1, NUM_CLASSES + 1)
         }
     return counts
+
+
+def main(argv: list[str] | None = None, prog: str = "cellseg predict") -> None:
+    """``cellseg predict CHECKPOINT IMAGE_FOLDER OUT_DIR``: reads ``predict.*``, ``postproc.*`` of params.yaml."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="e.g. models/best.pt")
+    parser.add_argument("image_folder", help=f"images to predict ({', '.join(IMAGE_SUFFIXES)})")
+    parser.add_argument("out_dir", help="written: <stem>/class{k}.tif per image (absent when no instance)")
+    parser.add_argument(
+        "--thresholds",
+        type=Path,
+        help="tuned thresholds (default: thresholds.json next to the checkpoint, if there is one; "
+        "otherwise predict.label_score_threshold, predict.mask_threshold and postproc.peak_threshold of "
+        "params.yaml)",
+    )
+    parser.add_argument(
+        "--maps",
+        choices=MAPS_FORMATS,
+        help="also write the centre and boundary probabilities: <stem>/{center,boundary}.png or <stem>/maps.npz",
+    )
+    args = parser.parse_args(argv)
+    params = load_params()
+    device = select_device(params.train.device)
+    model, _ = load_trained_model(args.checkpoint, device)
+    thresholds = args.thresholds
+    if thresholds is None and (Path(args.checkpoint).parent / THRESHOLDS_FILE).is_file():
+        thresholds = Path(args.checkpoint).parent / THRESHOLDS_FILE
+    predict = tuned_predict_params(params.predict, thresholds)
+    postproc = tuned_postproc_params(params.postproc, thresholds)
+    peaks = f", centre peaks > {postproc.peak_threshold}" if postproc.any_step else ""
+    print(
+        f"thresholds: score >= {predict.label_score_threshold}, mask > {predict.mask_threshold}{peaks} "
+        f"({thresholds or 'params.yaml'})"
+    )
+    counts = predict_folder(model, args.image_folder, args.out_dir, predict, device, postproc, args.maps)
+    print(json.dumps(counts, indent=2))
