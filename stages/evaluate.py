@@ -7,14 +7,13 @@ Usage: python stages/evaluate.py <checkpoint> <thresholds_json> <val_dir> <predi
 """
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 from cellseg.device import select_device
 from cellseg.entry import run
 from cellseg.eval.report import EvalPaths, evaluate_checkpoint, summary
 from cellseg.infer.thresholds import tuned_postproc_params, tuned_predict_params
-from cellseg.params import load_params
+from cellseg.params import load_params, replace
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     params = load_params()
-    params = dataclasses.replace(
+    params = replace(
         params,
         predict=tuned_predict_params(params.predict, args.thresholds),
         postproc=tuned_postproc_params(params.postproc, args.thresholds),
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         args.per_image_csv,
         args.maps,
     )
-    print(summary(evaluate_checkpoint(paths, params, select_device(params.train.device))))
+    print(summary(evaluate_checkpoint(paths, params, select_device(params.predict.device, "predict.device"))))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params()
     if params.train.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        check_nproc(params.train.nproc, select_device(params.train.device))
+        check_nproc(params.train.nproc, select_device(params.train.device, "train.device"))
         launch_torchrun(params.train.nproc, [__file__, *(sys.argv[1:] if argv is None else argv)])
         return
     train(params, TrainPaths(args.prepared_dir, args.maps_dir, args.models_dir, args.live_dir))

@@ -26,9 +26,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("thresholds_json", type=Path, help="written: the tuned thresholds")
     args = parser.parse_args(argv)
     params = load_params()
-    device = select_device(params.train.device)
+    device = select_device(params.predict.device, "predict.device")
     model, _ = load_trained_model(args.checkpoint, device)
-    thresholds = tune_thresholds(model, list_samples(args.val_dir), params.predict, device, params.postproc)
+    thresholds = tune_thresholds(
+        model, list_samples(args.val_dir), params.predict, params.tune, device, params.postproc
+    )
     write_json(args.thresholds_json, thresholds)
     print(json.dumps({k: v for k, v in thresholds.items() if k != "tried"}, indent=2))
 

@@ -84,3 +84,19 @@ def test_stage_script_reports_a_bad_params_file_in_one_line(tmp_path: Path) -> N
     assert (
         run.stderr.strip().splitlines()[-1].startswith("error: params.yaml: expected a mapping of sections")
     )
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("tune.peak_grid", [], r"tune\.peak_grid needs at least one value"),
+        ("tune.mask_grid", [0.2, 1.0], r"tune\.mask_grid values must be in \(0, 1\)"),
+        ("tune.score_grid", [0.01, 0.5], r"tune\.score_grid values must be >= predict\.score_threshold"),
+        ("predict.device", "tpu", r"predict\.device must be one of auto, cpu, cuda, mps"),
+    ],
+)
+def test_tune_grids_and_the_inference_device_are_checked(
+    params_file: Path, key: str, value: object, message: str
+) -> None:
+    with pytest.raises(ParamsError, match=message):
+        load_params(params_file, overrides={key: value})

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cellseg.params import TRACE_ENV
 from conftest import ROOT, tiny_params
 
 pytestmark = pytest.mark.slow
@@ -20,9 +21,10 @@ pytestmark = pytest.mark.slow
 COPIED = ("dvc.yaml", "stages", "src", ".dvc/config", ".dvc/.gitignore", ".gitignore", ".dvcignore")
 
 
-def _run(repo: Path, *args: str) -> str:
+def _run(repo: Path, *args: str, env: dict | None = None) -> str:
     env = {
         **os.environ,
+        **(env or {}),
         "PATH": f"{Path(os.sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "DVC_NO_ANALYTICS": "1",
         "PYTHONUNBUFFERED": "1",
@@ -44,7 +46,9 @@ def repo(tmp_path_factory) -> Path:
         elif source.exists():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, repo / name)
-    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params().to_dict(), sort_keys=False))
+    # every map-guided step on: the stages then read every postproc key (test_each_stage_lists_the_params_it_reads)
+    steps = {f"postproc__{step}": True for step in ("split", "trim", "recover", "rescore")}
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(**steps).to_dict(), sort_keys=False))
     _run(repo, "git", "init", "-q")
     _run(
         repo, "git", "config", "user.name", "cellseg test"
@@ -52,8 +56,8 @@ def repo(tmp_path_factory) -> Path:
     _run(repo, "git", "config", "user.email", "test@cellseg.invalid")
     _run(repo, "git", "add", "-A")
     _run(repo, "git", "commit", "-qm", "tiny project")
-    repro = _run(repo, "dvc", "repro")
-    for stage in ("synth", "prepare", "maps", "train", "evaluate", "submit"):
+    repro = _run(repo, "dvc", "repro", env={TRACE_ENV: str(repo.parent / f"{repo.name}-params-read")})
+    for stage in ("synth", "prepare", "maps", "train", "tune", "evaluate", "submit"):
         assert f"Running stage '{stage}'" in repro
     _run(repo, "git", "add", "-A")
     _run(repo, "git", "commit", "-qm", "baseline run")
@@ -134,9 +138,93 @@ def test_plots_diff_overlays_both_runs_curves(repo: Path) -> None:
     assert {"HEAD", "workspace"} <= revisions
 
 
-def test_a_postproc_switch_reruns_only_evaluate_and_submit(repo: Path) -> None:
+def _params_listed(stage: dict, params: dict) -> set[str]:
+    """The keys a dvc.yaml stage lists: ``section.key`` as it is, a whole ``section`` as each of its keys."""
+    keys = set()
+    for entry in stage.get("params", []):
+        keys |= {f"{entry}.{k}" for k in params[entry]} if "." not in entry else {entry}
+    return keys
+
+
+UNSEEN_IN_THE_TRACED_RUN = {
+    "train": {
+        "augment.stain_method": "read only when augment.stain_p > 0 (0 in the tiny run)",
+        "augment.stain_scale": "read only when augment.stain_p > 0",
+        "augment.stain_shift": "read only when augment.stain_p > 0",
+        "model.trainable_layers": "read only with pretrained weights (model.pretrained: none here)",
+    },
+    "tune": {
+        "predict.label_score_threshold": "stored as it is only with tune.enabled: false",
+        "postproc.recover_class": "read only for a recovered cell with no detection to vote on its class",
+    },
+    "evaluate": {"postproc.recover_class": "read only for a recovered cell with no detection to vote"},
+    "submit": {"postproc.recover_class": "read only for a recovered cell with no detection to vote"},
+}
+"""Keys a stage reads only under settings the traced run does not use: listed in dvc.yaml all the same."""
+
+
+def test_each_stage_lists_exactly_the_params_it_reads(repo: Path) -> None:
+    """The baseline `dvc repro` ran with CELLSEG_PARAMS_TRACE: each stage recorded the keys it read. dvc.yaml
+    must list those and no others, so a change reruns exactly the stages that read it."""
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    traces = repo.parent / f"{repo.name}-params-read"
+    for name, stage in stages.items():
+        script = Path(stage["cmd"].split()[1]).stem
+        read = set(json.loads((traces / f"{script}.json").read_text()))
+        unseen = set(UNSEEN_IN_THE_TRACED_RUN.get(name, {}))
+        assert not read & unseen, f"{name} read {sorted(read & unseen)}: drop them from UNSEEN_IN_THE_TRACED_RUN"
+        read |= unseen
+        listed = _params_listed(stage, params)
+        assert not read - listed, f"{name} reads params that dvc.yaml does not list: {sorted(read - listed)}"
+        assert not listed - read, f"{name} lists params that it does not read: {sorted(listed - read)}"
+
+
+def _reruns(repo: Path, *overrides: str) -> set[str]:
+    """The stages `dvc status` says a change of params.yaml would rerun (params.yaml restored after)."""
+    original = (repo / "params.yaml").read_text()
+    try:
+        params = yaml.safe_load(original)
+        for override in overrides:
+            dotted, value = override.split("=", 1)
+            section, key = dotted.split(".")
+            params[section][key] = yaml.safe_load(value)
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        return set(json.loads(_run(repo, "dvc", "status", "--json")))
+    finally:
+        (repo / "params.yaml").write_text(original)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (("tune.score_grid=[0.4, 0.5]",), {"tune"}),  # evaluate and submit follow once tune's output changes
+        (("postproc.rescore=false",), {"tune", "evaluate", "submit"}),
+        (("predict.device=cpu",), {"tune", "evaluate", "submit"}),
+        (("evaluate.n_overlays=2",), {"evaluate"}),
+        (("aux.w_boundary=0.2",), {"train"}),
+        (("predict.tile_overlap=16",), {"train", "tune", "evaluate", "submit"}),  # validation tiles too
+    ],
+)
+def test_a_param_change_reruns_only_the_stages_that_read_it(repo: Path, overrides: tuple, expected: set) -> None:
+    assert _reruns(repo, *overrides) == expected
+
+
+def test_a_postproc_code_edit_reruns_no_training(repo: Path) -> None:
+    source = repo / "src" / "cellseg" / "infer" / "postproc.py"
+    original = source.read_text()
+    try:
+        source.write_text(original + "\n# an edit\n")
+        status = set(json.loads(_run(repo, "dvc", "status", "--json")))
+    finally:
+        source.write_text(original)
+    assert status == {"tune", "evaluate", "submit"}
+
+
+def test_a_postproc_switch_reruns_tune_evaluate_and_submit_only(repo: Path) -> None:
     """Map-guided post-processing is tuned on a trained model: the training validation scores raw detections."""
-    output = _run(repo, "dvc", "exp", "run", "-S", "postproc.split=true", "-S", "postproc.rescore=true")
-    assert "Running stage 'evaluate'" in output and "Running stage 'submit'" in output
+    output = _run(repo, "dvc", "exp", "run", "-S", "postproc.split=false", "-S", "postproc.rescore=false")
+    for stage in ("tune", "evaluate", "submit"):
+        assert f"Running stage '{stage}'" in output
     for stage in ("synth", "prepare", "maps", "train"):
         assert f"Running stage '{stage}'" not in output

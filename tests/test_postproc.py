@@ -203,8 +203,6 @@ def test_maps_of_another_size_are_refused() -> None:
         ("postproc.peak_threshold", 1.5),
         ("postproc.recover_class", 0),
         ("postproc.rescore_weight", -0.1),
-        ("postproc.tune_peak_grid", []),
-        ("postproc.tune_peak_grid", [0.2, 1.0]),
     ],
 )
 def test_bad_postproc_params_name_the_key(key: str, value: object) -> None:

@@ -57,10 +57,10 @@ def _val_split(folder: Path) -> list[Path]:
 
 def test_tuning_picks_the_score_threshold_with_the_best_pq(tmp_path: Path) -> None:
     """Cells score 0.5-0.9 and a false positive 0.4: 0.45 drops it; 0.3 keeps it; 0.95 loses every cell."""
-    params = tiny_params(
-        predict__tune_score_grid=[0.3, 0.45, 0.95], predict__tune_mask_grid=[0.5], predict__tile_size=1024
-    ).predict
-    tuned = tune_thresholds(LowScoreOracle(), _val_split(tmp_path / "val"), params, torch.device("cpu"))
+    params = tiny_params(tune__score_grid=[0.3, 0.45, 0.95], tune__mask_grid=[0.5], predict__tile_size=1024)
+    tuned = tune_thresholds(
+        LowScoreOracle(), _val_split(tmp_path / "val"), params.predict, params.tune, torch.device("cpu")
+    )
     assert tuned["tuned"] and tuned["label_score_threshold"] == 0.45 and tuned["mask_threshold"] == 0.5
     pq = {row["label_score_threshold"]: row["pq"] for row in tuned["tried"]}
     assert pq[0.45] > 0.95 and pq[0.3] < pq[0.45] and pq[0.95] == 0.0
@@ -68,9 +68,11 @@ def test_tuning_picks_the_score_threshold_with_the_best_pq(tmp_path: Path) -> No
 
 
 def test_without_tuning_the_params_values_are_stored(tmp_path: Path) -> None:
-    params = tiny_params(predict__tune_thresholds=False, predict__label_score_threshold=0.42).predict
-    stored = tune_thresholds(LowScoreOracle(), [], params, torch.device("cpu"))
-    assert stored == {"tuned": False, "label_score_threshold": 0.42, "mask_threshold": params.mask_threshold}
+    params = tiny_params(tune__enabled=False, predict__label_score_threshold=0.42)
+    stored = tune_thresholds(LowScoreOracle(), [], params.predict, params.tune, torch.device("cpu"))
+    assert stored == {
+        "tuned": False, "label_score_threshold": 0.42, "mask_threshold": params.predict.mask_threshold
+    }
 
 
 def test_stages_read_the_stored_thresholds(tmp_path: Path) -> None:
@@ -132,32 +134,32 @@ def _merged_pairs_val(folder: Path, n: int = 2) -> list[Path]:
 def _split_on(**extra):
     params = tiny_params(
         **{
-            "predict__tune_score_grid": [0.3, 0.5],
-            "predict__tune_mask_grid": [0.4, 0.6],
+            "tune__score_grid": [0.3, 0.5],
+            "tune__mask_grid": [0.4, 0.6],
             "predict__tile_size": 1024,
             "postproc__split": True,
             **extra,
         }
     )
-    return params.predict, params.postproc
+    return params.predict, params.postproc, params.tune
 
 
 def test_with_a_step_on_and_heads_the_peak_threshold_is_tuned(tmp_path: Path) -> None:
     """At 0.5 no weak peak counts and each merged pair stays one cell (PQ 0); at 0.1 or 0.2 it is split."""
-    predict, postproc = _split_on()
+    predict, postproc, tune = _split_on()
     files = _merged_pairs_val(tmp_path / "val")
     model = WeakHeadsOracle()
-    tuned = tune_thresholds(model, files, predict, torch.device("cpu"), postproc)
+    tuned = tune_thresholds(model, files, predict, tune, torch.device("cpu"), postproc)
     assert tuned["tuned"] and tuned["peak_threshold"] == 0.1  # the first of the equal best rows
-    assert len(model.batches) == len(predict.tune_mask_grid) * len(files)  # once per mask threshold
+    assert len(model.batches) == len(tune.mask_grid) * len(files)  # once per mask threshold
     combos = [
         (row["mask_threshold"], row["peak_threshold"], row["label_score_threshold"]) for row in tuned["tried"]
     ]
     assert sorted(combos) == sorted(
         (m, p, s)
-        for m in predict.tune_mask_grid
-        for p in postproc.tune_peak_grid
-        for s in predict.tune_score_grid
+        for m in tune.mask_grid
+        for p in tune.peak_grid
+        for s in tune.score_grid
     )
     pq = {
         (r["mask_threshold"], r["peak_threshold"], r["label_score_threshold"]): r["pq"]
@@ -169,11 +171,11 @@ def test_with_a_step_on_and_heads_the_peak_threshold_is_tuned(tmp_path: Path) ->
 
 def test_the_tuned_file_reproduces_its_validation_pq(tmp_path: Path) -> None:
     """Predicting as evaluate does, with the stored thresholds, gives the PQ the tune stage recorded."""
-    predict, postproc = _split_on()
+    predict, postproc, tune = _split_on()
     files = _merged_pairs_val(tmp_path / "val")
     model = WeakHeadsOracle()
     path = tmp_path / "thresholds.json"
-    write_json(path, tune_thresholds(model, files, predict, torch.device("cpu"), postproc))
+    write_json(path, tune_thresholds(model, files, predict, tune, torch.device("cpu"), postproc))
     run, steps = tuned_predict_params(predict, path), tuned_postproc_params(postproc, path)
     assert steps.peak_threshold == 0.1
     samples = [load_labelled(f) for f in files]
@@ -186,19 +188,19 @@ def test_the_tuned_file_reproduces_its_validation_pq(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("case", ["steps off", "no heads"])
 def test_without_steps_or_heads_the_params_peak_is_stored_at_no_cost(tmp_path: Path, case: str) -> None:
-    predict, postproc = _split_on(postproc__split=case == "no heads", postproc__peak_threshold=0.3)
+    predict, postproc, tune = _split_on(postproc__split=case == "no heads", postproc__peak_threshold=0.3)
     files = _merged_pairs_val(tmp_path / "val")
     model = WeakHeadsOracle() if case == "steps off" else Oracle()
-    tuned = tune_thresholds(model, files, predict, torch.device("cpu"), postproc)
+    tuned = tune_thresholds(model, files, predict, tune, torch.device("cpu"), postproc)
     assert tuned["peak_threshold"] == 0.3
-    assert len(tuned["tried"]) == len(predict.tune_mask_grid) * len(predict.tune_score_grid)
+    assert len(tuned["tried"]) == len(tune.mask_grid) * len(tune.score_grid)
     assert {row["peak_threshold"] for row in tuned["tried"]} == {0.3}
-    assert len(model.batches) == len(predict.tune_mask_grid) * len(files)
+    assert len(model.batches) == len(tune.mask_grid) * len(files)
 
 
 def test_without_tuning_the_params_peak_is_stored(tmp_path: Path) -> None:
-    predict, postproc = _split_on(predict__tune_thresholds=False, postproc__peak_threshold=0.3)
-    stored = tune_thresholds(WeakHeadsOracle(), [], predict, torch.device("cpu"), postproc)
+    predict, postproc, tune = _split_on(tune__enabled=False, postproc__peak_threshold=0.3)
+    stored = tune_thresholds(WeakHeadsOracle(), [], predict, tune, torch.device("cpu"), postproc)
     assert stored == {**untuned(predict), "peak_threshold": 0.3}
 
 
@@ -249,9 +251,12 @@ def test_a_missing_or_broken_file_is_named_for_the_postproc_too(tmp_path: Path, 
 def test_every_stage_uses_the_stored_peak_threshold(tmp_path: Path, monkeypatch, name: str) -> None:
     """The stages hand the stored peak threshold (and the scaled recovery threshold) to the prediction; the
     model and the prediction itself are stubbed: only the wiring is checked."""
-    spec = importlib.util.spec_from_file_location(f"stage_{name}_peak", ROOT / "stages" / f"{name}.py")
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
+    if name == "predict":  # `cellseg predict`; stages/predict.py forwards to it
+        import cellseg.infer.folder as stage
+    else:
+        spec = importlib.util.spec_from_file_location(f"stage_{name}_peak", ROOT / "stages" / f"{name}.py")
+        stage = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(stage)
     params = tiny_params(postproc__split=True, postproc__peak_threshold=0.5, postproc__recover_threshold=0.6)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.to_dict()))
     write_json(tmp_path / "thresholds.json", {**untuned(params.predict), "peak_threshold": 0.2})

@@ -8,9 +8,14 @@ names the key. Each section checks its own values in ``__post_init__``.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
+import json
 import math
+import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -25,6 +30,7 @@ STAIN_METHODS = ("random_preset", "macenko", "vahadane")
 PRECISIONS = ("fp32", "fp16", "bf16")
 ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn_lite")
 BOUNDARY_DOWNSAMPLING = ("nearest", "area", "max")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 class ParamsError(CellsegError, ValueError):
@@ -39,8 +45,66 @@ def _check(condition: bool, message: str) -> None:
         raise ParamsError(message)
 
 
+# ------------------------------------------------------------------------------ which keys a process reads
+# With CELLSEG_PARAMS_TRACE=<dir>, every params key a process reads is recorded and written at exit to
+# <dir>/<script stem>.json: tests/test_dvc_params.py compares each stage's reads with what dvc.yaml lists.
+# Loading, checking, saving (to_dict) and copying (replace) are not reads.
+TRACE_ENV = "CELLSEG_PARAMS_TRACE"
+_reads: set[str] = set()
+_tracing = [False]  # on once params are loaded with the environment variable set
+_quiet = [0]  # > 0 inside _untraced()
+
+
+class _Section:
+    """Base of the params sections: records ``section.key`` when a traced process reads a key of params.yaml
+    (sections built otherwise, e.g. from a checkpoint's saved params, are not params.yaml's keys)."""
+
+    _section: typing.ClassVar[str] = ""
+    _from_file: bool = False  # set on the sections load_params builds, and on their replace() copies
+
+    def __getattribute__(self, name: str) -> Any:
+        if _tracing[0] and not _quiet[0] and name in type(self).__dataclass_fields__:
+            if object.__getattribute__(self, "_from_file"):
+                _reads.add(f"{type(self)._section}.{name}")
+        return object.__getattribute__(self, name)
+
+
+@contextlib.contextmanager
+def _untraced():
+    _quiet[0] += 1
+    try:
+        yield
+    finally:
+        _quiet[0] -= 1
+
+
+def _start_trace() -> None:
+    folder = os.environ.get(TRACE_ENV)
+    if not folder or _tracing[0]:
+        return
+    _tracing[0] = True
+    name = Path(sys.argv[0]).stem or "python"
+
+    def write() -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        out = Path(folder) / f"{name}.json"
+        previous = set(json.loads(out.read_text())) if out.is_file() else set()
+        out.write_text(json.dumps(sorted(_reads | previous)))
+
+    atexit.register(write)
+
+
+def replace(section: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` for params (a copy is not a read of the keys it copies)."""
+    with _untraced():
+        copy = dataclasses.replace(section, **changes)
+        if isinstance(section, _Section) and section._from_file:
+            object.__setattr__(copy, "_from_file", True)
+        return copy
+
+
 @dataclass(frozen=True)
-class DataParams:
+class DataParams(_Section):
     """Which raw dataset to use and how to split it."""
 
     raw_dir: str
@@ -57,7 +121,7 @@ class DataParams:
 
 
 @dataclass(frozen=True)
-class SynthParams:
+class SynthParams(_Section):
     """The synthetic demo dataset (same layout and quirks as the real data)."""
 
     seed: int
@@ -75,7 +139,7 @@ class SynthParams:
 
 
 @dataclass(frozen=True)
-class MapsParams:
+class MapsParams(_Section):
     """Auxiliary target maps."""
 
     center_sigma: float
@@ -87,7 +151,7 @@ class MapsParams:
 
 
 @dataclass(frozen=True)
-class ModelParams:
+class ModelParams(_Section):
     """Mask R-CNN architecture and its dense-scene settings."""
 
     arch: str
@@ -134,7 +198,7 @@ class ModelParams:
 
 
 @dataclass(frozen=True)
-class AuxParams:
+class AuxParams(_Section):
     """Auxiliary centre/boundary heads: ``loss = L_maskrcnn + w_center·L_center + w_boundary·L_boundary``."""
 
     enabled: bool
@@ -155,7 +219,7 @@ class AuxParams:
 
 
 @dataclass(frozen=True)
-class AugmentParams:
+class AugmentParams(_Section):
     """Training augmentation, applied jointly to image, instance masks and maps (validation gets none)."""
 
     elastic_p: float
@@ -181,7 +245,7 @@ class AugmentParams:
 
 
 @dataclass(frozen=True)
-class TrainParams:
+class TrainParams(_Section):
     """The optimisation loop."""
 
     epochs: int
@@ -209,7 +273,7 @@ class TrainParams:
         _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
         _check(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
         _check(self.workers >= -1, "train.workers must be >= 0, or -1 for a choice per device")
-        _check(self.device in ("auto", "cpu", "cuda", "mps"), "train.device must be auto, cpu, cuda or mps")
+        _check(self.device in DEVICES, f"train.device must be one of {', '.join(DEVICES)}")
         _check(
             self.precision in PRECISIONS,
             f"train.precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}",
@@ -224,7 +288,7 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
-class PredictParams:
+class PredictParams(_Section):
     """Inference and post-processing, shared by evaluation, submission and ``stages/predict.py``."""
 
     score_threshold: float
@@ -237,9 +301,7 @@ class PredictParams:
     tta_views: int
     label_score_threshold: float
     min_kept_fraction: float
-    tune_thresholds: bool
-    tune_score_grid: list[float]
-    tune_mask_grid: list[float]
+    device: str
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.score_threshold < 1.0, "predict.score_threshold must be in [0, 1)")
@@ -253,28 +315,19 @@ class PredictParams:
         _check(self.tta_views in (1, 2, 4), "predict.tta_views must be 1 (off), 2 or 4 (flips)")
         _check(0.0 <= self.label_score_threshold < 1.0, "predict.label_score_threshold must be in [0, 1)")
         _check(0.0 <= self.min_kept_fraction <= 1.0, "predict.min_kept_fraction must be in [0, 1]")
-        for key in ("tune_score_grid", "tune_mask_grid"):
-            grid = getattr(self, key)
-            _check(len(grid) >= 1, f"predict.{key} needs at least one value")
-            _check(all(0.0 < v < 1.0 for v in grid), f"predict.{key} values must be in (0, 1)")
-        _check(
-            min(self.tune_score_grid) >= self.score_threshold,
-            "predict.tune_score_grid values must be >= predict.score_threshold (lower-scored detections "
-            "are not kept)",
-        )
+        _check(self.device in DEVICES, f"predict.device must be one of {', '.join(DEVICES)}")
 
 
 @dataclass(frozen=True)
-class PostprocParams:
+class PostprocParams(_Section):
     """Map-guided post-processing (``cellseg.infer.postproc``): each step on its own switch; a model without the
     auxiliary heads gives no maps, and then every step is skipped.
 
-    With steps on and a model with heads, the ``tune`` stage picks ``peak_threshold`` from ``tune_peak_grid``
+    With steps on and a model with heads, the ``tune`` stage picks ``peak_threshold`` from ``tune.peak_grid``
     by validation PQ; ``recover_threshold`` then keeps its ratio to it (:meth:`at_peak_threshold`).
     """
 
     peak_threshold: float
-    tune_peak_grid: list[float]
     peak_min_distance: int
     boundary_threshold: float
     min_area: int
@@ -292,11 +345,6 @@ class PostprocParams:
     def __post_init__(self) -> None:
         for key in ("peak_threshold", "boundary_threshold", "recover_threshold"):
             _check(0.0 < getattr(self, key) < 1.0, f"postproc.{key} must be a probability in (0, 1)")
-        _check(len(self.tune_peak_grid) >= 1, "postproc.tune_peak_grid needs at least one value")
-        _check(
-            all(0.0 < v < 1.0 for v in self.tune_peak_grid),
-            "postproc.tune_peak_grid values must be in (0, 1)",
-        )
         _check(self.peak_min_distance >= 1, "postproc.peak_min_distance must be >= 1 (px)")
         _check(self.min_area >= 1, "postproc.min_area must be >= 1 (px)")
         _check(self.recover_radius >= 1, "postproc.recover_radius must be >= 1 (px)")
@@ -320,13 +368,27 @@ class PostprocParams:
         if peak_threshold == self.peak_threshold:
             return self
         recover = peak_threshold * (self.recover_threshold / self.peak_threshold)  # ratio 1: exactly the peak
-        return dataclasses.replace(
-            self, peak_threshold=peak_threshold, recover_threshold=min(recover, _BELOW_ONE)
-        )
+        return replace(self, peak_threshold=peak_threshold, recover_threshold=min(recover, _BELOW_ONE))
 
 
 @dataclass(frozen=True)
-class EvaluateParams:
+class TuneParams(_Section):
+    """The ``tune`` stage's grids: label-score, mask and centre-peak thresholds tried on the validation split."""
+
+    enabled: bool
+    score_grid: list[float]
+    mask_grid: list[float]
+    peak_grid: list[float]
+
+    def __post_init__(self) -> None:
+        for key in ("score_grid", "mask_grid", "peak_grid"):
+            grid = getattr(self, key)
+            _check(len(grid) >= 1, f"tune.{key} needs at least one value")
+            _check(all(0.0 < v < 1.0 for v in grid), f"tune.{key} values must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class EvaluateParams(_Section):
     """Validation scoring and its pictures."""
 
     n_overlays: int
@@ -353,9 +415,14 @@ class Params:
     train: TrainParams
     predict: PredictParams
     postproc: PostprocParams
+    tune: TuneParams
     evaluate: EvaluateParams
 
     def __post_init__(self) -> None:
+        _check(
+            min(self.tune.score_grid) >= self.predict.score_threshold,
+            "tune.score_grid values must be >= predict.score_threshold (lower-scored detections are not kept)",
+        )
         _check(
             self.predict.score_threshold >= self.model.box_score_thresh,
             f"predict.score_threshold ({self.predict.score_threshold}) is below model.box_score_thresh "
@@ -363,7 +430,8 @@ class Params:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        with _untraced():
+            return dataclasses.asdict(self)
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
@@ -389,9 +457,12 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
                 raise ParamsError(f"{path}: cannot set {dotted}: {where} is {node!r}, not a mapping")
         node[leaf] = value
     try:
-        return _from_dict(Params, raw, "")
+        with _untraced():
+            params = _from_dict(Params, raw, "")
     except ParamsError as err:
         raise ParamsError(f"{path}: {err}") from None
+    _start_trace()
+    return params
 
 
 def _from_dict(cls: type, data: Any, where: str) -> Any:
@@ -412,7 +483,10 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
             kwargs[name] = _from_dict(kind, data[name], key)
         else:
             kwargs[name] = _coerce(data[name], kind, key)
-    return cls(**kwargs)
+    section = cls(**kwargs)
+    if issubclass(cls, _Section):
+        object.__setattr__(section, "_from_file", True)
+    return section
 
 
 def _join(where: str, key: str) -> str:
@@ -445,3 +519,7 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
     if not ok:
         raise ParamsError(f"{key} must be {kind.__name__}, got {value!r}")
     return value
+
+
+for _field in dataclasses.fields(Params):
+    typing.get_type_hints(Params)[_field.name]._section = _field.name

@@ -3,13 +3,13 @@
 COCO AP ranks every detection, so it wants all of them; a label map (PQ, AJI, a pathologist's counts) keeps only
 those above a score threshold, and the best threshold depends on the model, the data and the epoch. As
 StarDist does with its ``thresholds.json``, the ``tune`` stage predicts the validation split once per mask
-threshold of ``predict.tune_mask_grid``, scores the label maps at every score threshold of
-``predict.tune_score_grid`` and keeps the pair with the highest PQ (the first one on a tie).
+threshold of ``tune.mask_grid``, scores the label maps at every score threshold of
+``tune.score_grid`` and keeps the pair with the highest PQ (the first one on a tie).
 
 The map-guided steps (``cellseg.infer.postproc``) find centre peaks above ``postproc.peak_threshold``, a centre
 probability, and how high a trained head's centre probabilities reach depends on the training too (about 0.25
 on consep-dev after 6 epochs, where the default 0.5 finds no peak at all). So when a step is on and the model has
-the heads, every value of ``postproc.tune_peak_grid`` is tried on the same predictions (the model runs once per
+the heads, every value of ``tune.peak_grid`` is tried on the same predictions (the model runs once per
 mask threshold; only the cheap steps rerun) and the best (score, mask, peak) triple is kept.
 
 ``evaluate``, ``submit`` and ``cellseg predict`` then read ``models/thresholds.json`` through
@@ -21,14 +21,13 @@ mask threshold; only the cheap steps rerun) and the best (score, mask, peak) tri
 - ``peak_threshold`` applies to the map-guided steps, and ``postproc.recover_threshold`` keeps its ratio to it
   (:meth:`cellseg.params.PostprocParams.at_peak_threshold`).
 
-With ``predict.tune_thresholds: false`` the file holds the params' own values, and without a step on or without
+With ``tune.enabled: false`` the file holds the params' own values, and without a step on or without
 heads its ``peak_threshold`` is the params' own, so the pipeline has one path. A file without
 ``peak_threshold`` (written before it was tuned) keeps the params' peak and recovery thresholds.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -42,13 +41,13 @@ from cellseg.infer.predict import predict_image
 from cellseg.infer.thresholds import PEAK_KEY, TUNED_KEYS, untuned
 from cellseg.instances import Instances
 from cellseg.model.maskrcnn import CellMaskRCNN
-from cellseg.params import PostprocParams, PredictParams
+from cellseg.params import PostprocParams, PredictParams, TuneParams, replace
 
 
-def tunes_peaks(model: CellMaskRCNN, params: PredictParams, postproc: PostprocParams | None) -> bool:
-    """Whether :func:`tune_thresholds` tries ``postproc.tune_peak_grid``: tuning, a step on, a model with heads."""
+def tunes_peaks(model: CellMaskRCNN, tune: TuneParams, postproc: PostprocParams | None) -> bool:
+    """Whether :func:`tune_thresholds` tries ``tune.peak_grid``: tuning, a step on, a model with heads."""
     return (
-        params.tune_thresholds
+        tune.enabled
         and postproc is not None
         and postproc.any_step
         and bool(getattr(model, "has_aux", False))
@@ -59,6 +58,7 @@ def tune_thresholds(
     model: CellMaskRCNN,
     files: list[Path],
     params: PredictParams,
+    tune: TuneParams,
     device: torch.device,
     postproc: PostprocParams | None = None,
 ) -> dict:
@@ -66,10 +66,10 @@ def tune_thresholds(
     (predictions post-processed with ``postproc`` as ``evaluate`` and ``submit`` do).
 
     With :func:`tunes_peaks`, the (score, mask, peak) triple: each mask threshold's predictions are refined
-    with every ``postproc.tune_peak_grid`` value. Otherwise ``peak_threshold`` is ``postproc``'s own (absent
+    with every ``tune.peak_grid`` value. Otherwise ``peak_threshold`` is ``postproc``'s own (absent
     without ``postproc``) and the model runs exactly as often as before.
     """
-    if not params.tune_thresholds:
+    if not tune.enabled:
         return untuned(params, postproc)
     samples = [load_labelled(path) for path in files]
     names = [path.stem for path in files]
@@ -77,7 +77,7 @@ def tune_thresholds(
     tried = []
 
     def score_all(predictions: list[Instances], mask_threshold: float, peak: float | None) -> None:
-        for score_threshold in params.tune_score_grid:
+        for score_threshold in tune.score_grid:
             metrics = score_split(
                 names, truths, predictions, score_threshold, params.min_kept_fraction
             ).metrics
@@ -86,17 +86,17 @@ def tune_thresholds(
                 row[PEAK_KEY] = peak
             tried.append({**row, "pq": metrics["pq"], "f1": metrics["f1"]})
 
-    for mask_threshold in params.tune_mask_grid:
-        run = dataclasses.replace(params, mask_threshold=mask_threshold)
+    for mask_threshold in tune.mask_grid:
+        run = replace(params, mask_threshold=mask_threshold)
         images = tqdm(samples, desc=f"tune: masks > {mask_threshold}", unit="img", leave=False)
-        if not tunes_peaks(model, params, postproc):
+        if not tunes_peaks(model, tune, postproc):
             predictions = [predict_image(model, image, run, device, postproc) for image, _ in images]
             score_all(predictions, mask_threshold, None if postproc is None else postproc.peak_threshold)
             continue
         # The model runs once; each peak threshold reruns only the map-guided steps on the same detections.
         # postprocess(refine(...)) is exactly what predict_image does with those postproc params.
         found = [detect_image(model, image, run, device) for image, _ in images]
-        for peak in postproc.tune_peak_grid:
+        for peak in tune.peak_grid:
             steps = postproc.at_peak_threshold(peak)
             score_all(
                 [postprocess(refine(inst, maps, steps), run) for inst, maps in found], mask_threshold, peak

@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None, prog: str = "cellseg predict") -> None:
     )
     args = parser.parse_args(argv)
     params = load_params()
-    device = select_device(params.train.device)
+    device = select_device(params.predict.device, "predict.device")
     model, _ = load_trained_model(args.checkpoint, device)
     thresholds = args.thresholds
     if thresholds is None and (Path(args.checkpoint).parent / THRESHOLDS_FILE).is_file():

@@ -7,12 +7,11 @@ thresholds does not depend on the scoring code.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 from cellseg.data.io import DataFormatError
-from cellseg.params import PostprocParams, PredictParams
+from cellseg.params import PostprocParams, PredictParams, replace
 
 THRESHOLDS_FILE = "thresholds.json"
 TUNED_KEYS = ("label_score_threshold", "mask_threshold")
@@ -53,7 +52,7 @@ def tuned_predict_params(params: PredictParams, thresholds_path: str | Path | No
         values = {key: float(stored[key]) for key in TUNED_KEYS}
     except (KeyError, TypeError, ValueError) as err:
         raise _not_a_thresholds_file(path, err) from None
-    return dataclasses.replace(params, **values)
+    return replace(params, **values)
 
 
 def tuned_postproc_params(postproc: PostprocParams, thresholds_path: str | Path | None) -> PostprocParams:

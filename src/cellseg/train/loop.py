@@ -234,7 +234,7 @@ def train(params: Params, paths: TrainPaths) -> dict:
     Returns the summary written to ``<models>/summary.json``.
     """
     check_inputs(params, paths)
-    device = select_device(params.train.device)
+    device = select_device(params.train.device, "train.device")
     info = init_distributed(device.type == "cuda")
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
