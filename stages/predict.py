@@ -6,6 +6,7 @@ tune stage's thresholds file, when there is one, replaces their score, mask and 
 """
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,13 +16,18 @@ from cellseg.infer.folder import IMAGE_SUFFIXES, MAPS_FORMATS, predict_folder
 from cellseg.infer.thresholds import THRESHOLDS_FILE, tuned_postproc_params, tuned_predict_params
 from cellseg.model.checkpoint import load_trained_model
 from cellseg.params import load_params
+from cellseg.provenance import provenance
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="e.g. models/best.pt")
     parser.add_argument("image_folder", help=f"images to predict ({', '.join(IMAGE_SUFFIXES)})")
-    parser.add_argument("out_dir", help="written: <stem>/class{k}.tif per image (absent when no instance)")
+    parser.add_argument(
+        "out_dir",
+        help="written: <stem>/class{k}.tif per image (absent when no instance), and provenance.json (the "
+        "checkpoint's sha256 and training params, the cellseg version, the settings, the images)",
+    )
     parser.add_argument(
         "--thresholds",
         type=Path,
@@ -37,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params()
     device = select_device(params.train.device)
-    model, _ = load_trained_model(args.checkpoint, device)
+    model, state = load_trained_model(args.checkpoint, device)
     thresholds = args.thresholds
     if thresholds is None and (Path(args.checkpoint).parent / THRESHOLDS_FILE).is_file():
         thresholds = Path(args.checkpoint).parent / THRESHOLDS_FILE
@@ -48,7 +54,15 @@ def main(argv: list[str] | None = None) -> None:
         f"thresholds: score >= {predict.label_score_threshold}, mask > {predict.mask_threshold}{peaks} "
         f"({thresholds or 'params.yaml'})"
     )
-    counts = predict_folder(model, args.image_folder, args.out_dir, predict, device, postproc, args.maps)
+    record = {
+        **provenance(args.checkpoint, state),
+        "thresholds": str(thresholds) if thresholds else None,
+        "predict": dataclasses.asdict(predict),
+        "postproc": dataclasses.asdict(postproc),
+    }
+    counts = predict_folder(
+        model, args.image_folder, args.out_dir, predict, device, postproc, args.maps, record
+    )
     print(json.dumps(counts, indent=2))
 
 

@@ -3,6 +3,7 @@ one, with one ``error:`` line naming it and nothing run; what cellseg saves load
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -15,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+import cellseg
 from cellseg.data.prepare import prepare_dataset
 from cellseg.fsutil import write_json
 from cellseg.infer.thresholds import untuned
@@ -35,6 +37,7 @@ from cellseg.model.safe_load import (
 from cellseg.model.safe_load import (
     main as convert_main,
 )
+from cellseg.provenance import provenance, sha256_file
 from conftest import ROOT, make_raw_dataset, tiny_params
 
 CPU = torch.device("cpu")
@@ -210,3 +213,19 @@ def test_each_command_refuses_the_file_and_runs_nothing(workdir: Path, tmp_path:
     assert run.stderr.startswith(f"error: {ckpt}: refused: "), run.stderr[-2000:]
     assert len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------------- provenance
+def test_provenance_hashes_the_whole_file_in_chunks(tmp_path: Path) -> None:
+    data = np.random.default_rng(0).integers(0, 256, (3 << 20) + 17, dtype=np.uint8).tobytes()  # > 3 chunks
+    (tmp_path / "m.pt").write_bytes(data)
+    record = provenance(tmp_path / "m.pt", {"epoch": 4, "params": {"train": {"lr": 0.1}}})
+    assert record == {
+        "checkpoint": str(tmp_path / "m.pt"),
+        "checkpoint_sha256": hashlib.sha256(data).hexdigest(),
+        "checkpoint_bytes": len(data),
+        "cellseg_version": cellseg.__version__,
+        "trained_epochs": 5,
+        "trained_params": {"train": {"lr": 0.1}},
+    }
+    assert sha256_file(tmp_path / "m.pt") == hashlib.sha256(data).hexdigest()

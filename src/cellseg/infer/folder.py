@@ -9,6 +9,10 @@ The files hold one nucleus per pixel across all classes, with the tuned threshol
 
 On request (``maps_format``), a model with auxiliary heads also writes its centre and boundary probabilities
 beside the label maps: ``center.png`` and ``boundary.png`` (8-bit, 255 = 1.0) or ``maps.npz`` (float32).
+
+``<out>/provenance.json`` (:mod:`cellseg.provenance`, when given) records the model and settings of the latest
+run into ``<out>`` and the images it predicted. It is written before the first image folder, so every folder a
+run writes is described by it.
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ from tqdm import tqdm
 from cellseg import NUM_CLASSES, CellsegError
 from cellseg.data.io import CLASS_FILES, DataFormatError, read_image, to_rgb8, write_label_tif
 from cellseg.eval.nuclei_metrics import label_map
-from cellseg.fsutil import atomic_dir, save_npz
+from cellseg.fsutil import atomic_dir, save_npz, write_json
 from cellseg.infer.predict import predict_images_maps
 from cellseg.infer.prob_maps import ProbMaps
 from cellseg.instances import Instances
 from cellseg.model.maskrcnn import CellMaskRCNN
 from cellseg.params import PostprocParams, PredictParams
+from cellseg.provenance import PROVENANCE_FILE
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 _PIL_MODES = ("L", "RGB", "RGBA", "I;16", "I;16L", "I;16B", "I", "F")  # read as arrays, not converted
@@ -137,11 +142,14 @@ def predict_folder(
     device: torch.device,
     postproc: PostprocParams | None = None,
     maps_format: str | None = None,
+    record: dict | None = None,
 ) -> dict:
     """Predict every image of ``in_dir`` into ``out_dir/<stem>/``; return the instance count per image.
 
-    Only the per-image folders are replaced, so other content of ``out_dir`` is left alone. ``postproc`` adds
-    the map-guided steps; ``maps_format`` (``png`` or ``npz``) also writes the heads' maps.
+    Only the per-image folders (and ``provenance.json``) are replaced, so other content of ``out_dir`` is left
+    alone. ``postproc`` adds the map-guided steps; ``maps_format`` (``png`` or ``npz``) also writes the heads'
+    maps; ``record`` (:func:`cellseg.provenance.provenance` and the settings) goes to ``provenance.json`` with
+    the names of the images.
     """
     if maps_format is not None and not getattr(model, "has_aux", False):
         raise CellsegError(
@@ -149,6 +157,8 @@ def predict_folder(
         )
     paths = list_images(in_dir)
     out_dir = Path(out_dir)
+    if record is not None:
+        write_json(out_dir / PROVENANCE_FILE, {**record, "images": [p.name for p in paths]})
     counts = {}
     predictions = predict_images_maps(model, _read_all(paths), params, device, postproc)
     for path, (inst, maps) in tqdm(
