@@ -26,11 +26,16 @@ import numpy as np
 import torch
 
 from cellseg import CellsegError
+from cellseg.fsutil import atomic_file
 
 CONVERT_COMMAND = "python -m cellseg.model.safe_load"
 
 
-class UnsafeModelFileError(CellsegError, ValueError):
+class ModelFileError(CellsegError, ValueError):
+    """A model file that cannot be read or converted; the message names it."""
+
+
+class UnsafeModelFileError(ModelFileError):
     """A model file holding objects other than tensors and plain data: refused, and nothing in it was run."""
 
 
@@ -134,7 +139,7 @@ def check_weights_only(obj: Any, where: str = "checkpoint") -> None:
 # ------------------------------------------------------------------------------ converting numpy-holding files
 def _numpy_globals() -> list:
     """numpy's pickling names, also under numpy 1's module paths (``numpy.core``) for files it wrote."""
-    core = np._core.multiarray
+    core = (np._core if hasattr(np, "_core") else np.core).multiarray  # numpy 2, numpy 1
     named = [core._reconstruct, core.scalar, np.ndarray, np.dtype]
     named += [cls for cls in vars(np.dtypes).values() if isinstance(cls, type) and issubclass(cls, np.dtype)]
     aliases = [
@@ -169,8 +174,6 @@ def convert_numpy_file(old: str | Path, new: str | Path) -> None:
     ``old`` is read with the weights-only unpickler extended by numpy's array, number and dtype types alone, so a
     file naming any other class or function is still refused and nothing in it runs.
     """
-    from cellseg.fsutil import atomic_file
-
     old, new = Path(old), Path(new)
     if not old.is_file():
         raise FileNotFoundError(f"{old}: no such file")
@@ -182,9 +185,12 @@ def convert_numpy_file(old: str | Path, new: str | Path) -> None:
             f"{err} It holds more than numpy values: it cannot be converted."
         ) from None
     except Exception as err:  # not a torch file, a truncated one
-        raise UnsafeModelFileError(f"{old}: cannot read as a torch file ({read_failure(err)})") from err
+        raise ModelFileError(f"{old}: cannot read as a torch file ({read_failure(err)})") from err
     converted = plain(state)
-    check_weights_only(converted, str(old))
+    try:
+        check_weights_only(converted, str(old))
+    except NotWeightsOnlyError as err:  # a numpy array of objects torch does not hold (dates, say)
+        raise ModelFileError(f"cannot convert: {err}") from None
     with atomic_file(new) as tmp:
         torch.save(converted, tmp)
     load_weights_only(new)  # what was written loads as it must
