@@ -42,6 +42,7 @@ from torchvision.ops.poolers import initLevelMapper
 
 from cellseg import NUM_CLASSES, CellsegError
 from cellseg.model import mask_targets
+from cellseg.model.safe_load import load_weights_only, read_failure
 from cellseg.params import AuxParams, ModelParams
 
 mask_targets.install()  # mask targets from the matched masks only (same values, a fraction of the memory)
@@ -380,11 +381,11 @@ def load_matching_weights(model: nn.Module, path: str | Path) -> tuple[int, list
             f"model.pretrained: {path} is not a file (use none, imagenet, coco or a path)"
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # not a torch file, or one holding more than tensors (pickled objects)
-        raise PretrainedWeightsError(
-            f"{path}: cannot read as a weights file ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-        ) from err
+        state = load_weights_only(path)  # refuses a file holding more than tensors: nothing in it runs
+    except CellsegError:
+        raise
+    except Exception as err:  # not a torch file, a truncated one
+        raise PretrainedWeightsError(f"{path}: cannot read as a weights file ({read_failure(err)})") from err
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):
