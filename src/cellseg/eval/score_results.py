@@ -30,7 +30,8 @@ from cellseg.data.io import CLASS_FILES, TestEntry, read_label, read_test_mappin
 from cellseg.eval.coco_metrics import LEADERBOARD_MAX_DETECTIONS, evaluate
 from cellseg.eval.nuclei_metrics import DEFAULT_MIN_KEPT_FRACTION, SplitScores, per_image_csv, score_split
 from cellseg.infer.submit import RESULTS_FILE
-from cellseg.instances import Instances
+from cellseg.instances import Instances, crop_to_box
+from cellseg.rle import decode
 
 DEFAULT_SCORE_THRESHOLD = 0.5
 
@@ -165,7 +166,7 @@ def _mask(row: dict, entry: TestEntry, path: Path, i: int) -> np.ndarray:
                 "size": [entry.height, entry.width],
                 "counts": counts.encode() if isinstance(counts, str) else counts,
             }
-        return mask_utils.decode(rle).astype(bool)
+        return decode(rle)
     except Exception as err:  # pycocotools raises bare errors on corrupt counts
         raise _row_error(path, i, f"cannot decode the RLE ({type(err).__name__}: {err})") from err
 
@@ -197,13 +198,10 @@ def results_to_instances(
 def _instances(entry: TestEntry, found: list[tuple[int, float, np.ndarray]]) -> Instances:
     offsets, crops = [], []
     for _, _, mask in found:
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        if len(rows) == 0:  # an empty mask: a one-pixel empty crop keeps its row (it can only miss)
-            offsets.append((0, 0))
-            crops.append(np.zeros((1, 1), bool))
-            continue
-        offsets.append((rows[0], cols[0]))
-        crops.append(mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+        # an empty mask: a one-pixel empty crop keeps its row (it can only miss)
+        offset, crop = crop_to_box(mask) or ((0, 0), np.zeros((1, 1), bool))
+        offsets.append(offset)
+        crops.append(crop)
     n = len(found)
     return Instances(
         entry.height,

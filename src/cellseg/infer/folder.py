@@ -28,7 +28,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from cellseg import NUM_CLASSES, CellsegError
-from cellseg.data.io import CLASS_FILES, DataFormatError, read_image, to_rgb8, write_label_tif
+from cellseg.data.io import CLASS_FILES, DataFormatError, read_image, to_rgb8, visible_files, write_label_tif
 from cellseg.device import select_device
 from cellseg.eval.nuclei_metrics import label_map
 from cellseg.fsutil import atomic_dir, save_npz, write_json
@@ -51,7 +51,7 @@ def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataFormatError(f"{folder}: not a folder")
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = visible_files(folder, IMAGE_SUFFIXES)
     if not paths:
         raise DataFormatError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
     stems: dict[str, Path] = {}

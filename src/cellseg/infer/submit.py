@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cellseg.data.io import DataFormatError, load_npz
+from cellseg.data.io import DataFormatError, load_npz, visible_files
 from cellseg.fsutil import atomic_dir, write_json
 from cellseg.infer.predict import predict_images
 from cellseg.model.maskrcnn import CellMaskRCNN
@@ -44,7 +44,7 @@ class TestImage:
 def load_test_images(test_dir: str | Path) -> list[TestImage]:
     """Every ``<test_dir>/*.npz`` in ``image_id`` order; missing images, ids or duplicate ids are errors."""
     test_dir = Path(test_dir)
-    files = sorted(test_dir.glob("*.npz"))
+    files = visible_files(test_dir, (".npz",))
     if not files:
         raise DataFormatError(
             f"{test_dir}: no test images (*.npz). The prepare stage writes them from the raw dataset's "
