@@ -1,6 +1,6 @@
 """Reading and writing the raw dataset format (tif) and the prepared format (npz).
 
-Raw layout (DESIGN.md §1)::
+Raw layout (README "Your own data")::
 
     <raw>/train/<sample>/image.tif                 RGB(A) image, often LZW-compressed
     <raw>/train/<sample>/class1.tif .. class4.tif  label images (float64 in the real data); absent = no instance

@@ -1,4 +1,4 @@
-"""The ``maps`` stage: per-sample auxiliary targets, a centre heatmap and a boundary map (DESIGN.md §2).
+"""The ``maps`` stage: per-sample auxiliary targets, a centre heatmap and a boundary map (the reference's definition).
 
 The definition works one instance at a time on full-image masks, which costs instances × area: about 4 s for a
 dense 1153×1307 image. The functions here give exactly the same maps in time linear in the area (up to one sort
