@@ -7,10 +7,11 @@ BIN := $(VENV)/bin
 # Stage commands call `python`: put the venv first on PATH for dvc and everything it starts.
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: setup demo test test-fast lint bench clean-venv real-cpu
+.PHONY: setup demo test test-fast lint bench clean-venv real-cpu real-cpu-args
 
 # The real-data recipe for a 2-core CPU (tuned on consep-dev; README "Real data on a CPU"): one `dvc exp run`.
 RAW ?= data/raw
+EXTRA ?=  # more overrides, e.g. EXTRA='-S train.seed=1'
 REAL_CPU = -S 'data.raw_dir=$(RAW)' -S "data.group_regex='^(train_[0-9]+)_'" \
   -S model.scale=2.0 -S train.crop_size=128 -S augment.hflip_p=0.5 -S augment.vflip_p=0.5 -S augment.rotate90_p=0.5 \
   -S train.repeat_threshold=1.0 -S train.epochs=27 -S train.eval_every=27 -S train.train_eval_images=0
@@ -41,7 +42,11 @@ bench: demo
 	$(RUN) cellseg bench
 
 real-cpu: setup
-	$(RUN) dvc exp run $(REAL_CPU)
+	$(RUN) dvc exp run $(REAL_CPU) $(EXTRA)
+
+# The recipe's overrides alone (experiments/real_cpu_seeds.sh runs them in a scratch clone).
+real-cpu-args:
+	@echo $(REAL_CPU)
 
 clean-venv:
 	rm -rf $(VENV)
