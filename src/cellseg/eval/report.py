@@ -112,6 +112,10 @@ def write_evaluation(
         **scored.metrics,
         **nuclei.metrics,
         "pq_score_threshold": params.predict.label_score_threshold,
+        **{
+            f"pq_score_threshold_class{k}": value
+            for k, value in enumerate(params.predict.class_score_thresholds, start=1)
+        },
         "mask_threshold": params.predict.mask_threshold,
         **(extra or {}),
     }
