@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Stage commands call `python`: put the venv first on PATH for dvc and everything it starts.
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: setup demo test test-fast lint bench clean-venv real-cpu
+.PHONY: setup demo test test-fast lint bench clean-venv real-cpu gpu-check
 
 # The real-data recipe for a 2-core CPU (tuned on consep-dev; README "Real data on a CPU"): one `dvc exp run`.
 RAW ?= data/raw
@@ -42,6 +42,12 @@ bench: setup
 
 real-cpu: setup
 	$(RUN) dvc exp run $(REAL_CPU)
+
+# For a machine lent with a GPU, at most 8 minutes: bench train on CUDA (fp32 vs bf16, R50-FPN-v2, 512-px crops),
+# a 2-process NCCL smoke test when 2 GPUs exist, a short real-data run when GPU_RAW exists. Fails without a GPU.
+GPU_RAW ?= ../shared/datasets/consep-dev
+gpu-check: setup
+	$(RUN) experiments/gpu_check.sh $(GPU_RAW)
 
 clean-venv:
 	rm -rf $(VENV)
