@@ -400,7 +400,8 @@ def recipe_main(args: argparse.Namespace) -> None:
         print(
             f"recipe step: {params.model.arch}, scale {params.model.scale}, crop {params.train.crop_size}, "
             f"batch {params.train.batch_size}, flips + rot90, aux heads on, {args.device} ({threads} threads); "
-            f"{what}; blocks of {args.steps} steps until two agree within {AGREE:.0%}"
+            f"{what}; blocks of {args.steps} steps until two agree within {AGREE:.0%}; load average "
+            f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
         )
         data = (str(train), str(maps))
         rows = []
