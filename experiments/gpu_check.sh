@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make gpu-check`: one script, at most 8 minutes, for a machine lent with a GPU. Prints its figures:
-#   1. `cellseg bench train` on CUDA: fp32 vs bf16 step, R50-FPN-v2, 512-px crops (model.scale 1), 3 min max;
+#   1. `cellseg bench train` on CUDA: fp32 vs bf16 step, R50-FPN-v2, 512-px crops (model.scale 1) of synthetic
+#      600-900 px images (consep-dev tiles are only 256 px), 3 min max;
 #   2. a 2-process NCCL smoke test when 2 GPUs exist (skipped, with the reason, otherwise), 1 min max;
 #   3. a short real-data run when RAW holds the dataset: prepare, maps, 2 epochs of R50-FPN-v2 in bf16,
 #      tune, evaluate (3.5 min max), in a scratch copy of the project: the workspace and dvc are untouched.
@@ -21,7 +22,7 @@ GPUS=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
 
 echo "== 1. bench train on CUDA (R50-FPN-v2, 512-px crops, fp32 vs bf16)"
 timeout 180 "$PY" -m cellseg.bench.train --device cuda --arch maskrcnn_resnet50_fpn_v2 --crop 512 --scale 1 \
-  --precision bf16 --steps 5 --raw "$RAW" || echo "bench train: failed or over 3 min (rc $?)"
+  --precision bf16 --steps 5 --raw none --side 600 || echo "bench train: failed or over 3 min (rc $?)"
 
 echo "== 2. NCCL smoke test"
 if [ "$GPUS" -ge 2 ]; then

@@ -246,9 +246,9 @@ AGREE = 0.10
 CONSEP = Path(__file__).resolve().parents[3].parent / "shared" / "datasets" / "consep-dev"
 
 
-def recipe_data(root: Path, raw: Path | None) -> tuple[Path, Path, str]:
+def recipe_data(root: Path, raw: Path | None, side: int = 200) -> tuple[Path, Path, str]:
     """``(train npz folder, maps folder, description)``: ``RECIPE_TILES`` consep-dev tiles (every 20th) when
-    ``raw`` exists, else synthetic images of 200-300 px."""
+    ``raw`` exists, else synthetic images of ``side`` to 1.5 × ``side`` px."""
     from cellseg.data.io import list_train_samples, read_train_sample, save_train_npz
     from cellseg.data.maps import compute_maps
     from cellseg.fsutil import save_npz
@@ -267,8 +267,8 @@ def recipe_data(root: Path, raw: Path | None) -> tuple[Path, Path, str]:
             overrides={
                 **SYNTH,
                 "synth.n_train": RECIPE_TILES,
-                "synth.min_side": 200,
-                "synth.max_side": 300,
+                "synth.min_side": side,
+                "synth.max_side": side * 3 // 2,
                 "synth.n_dense": 2,
                 "data.val_fraction": 0.0,
             }
@@ -278,7 +278,7 @@ def recipe_data(root: Path, raw: Path | None) -> tuple[Path, Path, str]:
         for path in sorted((prepared / "train").glob("*.npz")):
             loaded = load_npz(path)
             arrays.append((path.stem, loaded["image"], loaded["labels"]))
-        what = f"{len(arrays)} synthetic images (no consep-dev at {raw})"
+        what = f"{len(arrays)} synthetic images of {side}-{side * 3 // 2} px (no consep-dev at {raw})"
     for name, image, labels in arrays:
         save_train_npz(train / f"{name}.npz", image, labels)
         center, boundary = compute_maps(labels, params.maps.center_sigma)
@@ -395,7 +395,7 @@ def recipe_main(args: argparse.Namespace) -> None:
             print("note: this CPU has no native bf16 (avx512_bf16/amx_bf16): the new step trains in fp32")
     params = load_params(overrides=overrides)
     with tempfile.TemporaryDirectory() as tmp:
-        train, maps, what = recipe_data(Path(tmp), args.raw)
+        train, maps, what = recipe_data(Path(tmp), args.raw, args.side)
         threads = args.threads if args.threads > 0 else torch.get_num_threads()
         print(
             f"recipe step: {params.model.arch}, scale {params.model.scale}, crop {params.train.crop_size}, "
@@ -444,6 +444,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--raw", type=Path, default=CONSEP, help="consep-dev (recipe mode; synthetic if absent)"
+    )
+    parser.add_argument(
+        "--side",
+        type=int,
+        default=200,
+        help="recipe: synthetic image side when there is no --raw (e.g. 600 "
+        "for 512-px crops; consep-dev tiles are 256 px)",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--max-blocks", type=int, default=6, help="recipe: timed blocks at most per variant")
