@@ -147,7 +147,8 @@ def tune_per_class(
     for k in sorted(present):
         best_value, best_pq = global_threshold, at_global[f"pq_class{k}"]
         for value in sorted(tune.class_score_grid):
-            trial = list(chosen[: k - 1]) + [value] + [global_threshold] * (NUM_CLASSES - k)
+            trial = [global_threshold] * NUM_CLASSES  # the other classes at the global threshold
+            trial[k - 1] = value
             pq = metrics(trial)[f"pq_class{k}"]
             class_tried.append({"class": k, "label_score_threshold": value, "pq_class": pq})
             if pq > best_pq:
