@@ -7,10 +7,12 @@ BIN := $(VENV)/bin
 # Stage commands call `python`: put the venv first on PATH for dvc and everything it starts.
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: setup demo test test-fast lint bench clean-venv real-cpu gpu-check
+
+.PHONY: setup demo test test-fast lint bench clean-venv real-cpu real-cpu-args gpu-check
 
 # The real-data recipe for a 2-core CPU (tuned on consep-dev; README "Real data on a CPU"): one `dvc exp run`.
 RAW ?= data/raw
+EXTRA ?=  # more overrides, e.g. EXTRA='-S train.seed=1'
 REAL_CPU = -S 'data.raw_dir=$(RAW)' -S "data.group_regex='^(train_[0-9]+)_'" \
   -S model.scale=2.0 -S train.crop_size=128 -S augment.hflip_p=0.5 -S augment.vflip_p=0.5 -S augment.rotate90_p=0.5 \
   -S train.repeat_threshold=1.0 -S train.epochs=27 -S train.eval_every=27 -S train.train_eval_images=0
@@ -36,12 +38,16 @@ lint: setup
 	$(BIN)/ruff check .
 
 # Every benchmark prints its figures and a ratio against a baseline measured in the same run.
-# bench-inference needs a trained model: run `make demo` first.
-bench: setup
+# `cellseg bench inference` measures the demo's trained model, so bench runs the demo first (a no-op when it is up to date).
+bench: demo
 	$(RUN) cellseg bench
 
 real-cpu: setup
-	$(RUN) dvc exp run $(REAL_CPU)
+	$(RUN) dvc exp run $(REAL_CPU) $(EXTRA)
+
+# The recipe's overrides alone (experiments/real_cpu_seeds.sh runs them in a scratch clone).
+real-cpu-args:
+	@echo $(REAL_CPU)
 
 # For a machine lent with a GPU, at most 8 minutes: bench train on CUDA (fp32 vs bf16, R50-FPN-v2, 512-px crops),
 # a 2-process NCCL smoke test when 2 GPUs exist, a short real-data run when GPU_RAW exists. Fails without a GPU.

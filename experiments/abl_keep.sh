@@ -7,6 +7,6 @@ name=$1
 mkdir -p "$OUT/$name"
 cp -r submission metrics models/best.pt models/thresholds.json models/config.json params.yaml "$OUT/$name/"
 thr=$(python -c "import json; print(json.load(open('models/thresholds.json'))['label_score_threshold'])")
-python -m cellseg.eval.score_results submission/submission.zip "$RAW/test_truth" "$RAW/test_image_name_to_ids.json" \
+cellseg score submission/submission.zip "$RAW/test_truth" "$RAW/test_image_name_to_ids.json" \
   --score-threshold "$thr" --json > "$OUT/$name/test.json"
 echo "$name thr=$thr" >> "$OUT/summary.log"

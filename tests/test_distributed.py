@@ -22,7 +22,6 @@ from cellseg.train.distributed import (
     backend_for,
     collective_device,
     gather_objects,
-    mean_across_ranks,
     run_on_main,
     sum_across_ranks,
 )
@@ -46,7 +45,6 @@ def _rank(rank: int, init_file: str, out_dir: str) -> None:
 
     dist.all_reduce = recording_all_reduce
     result = {
-        "mean": mean_across_ranks({"loss": float(rank + 1), "n": 2.0}, info),
         "non_finite": sum_across_ranks(torch.tensor([1.0, math.nan if rank == 1 else 0.0]), info).tolist(),
         "gathered": gather_objects({"rank": rank}, info),
         "devices": devices,
@@ -69,7 +67,6 @@ def test_reductions_and_failures_with_two_gloo_processes(tmp_path: Path) -> None
     mp.spawn(_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rank, result in enumerate(results):
-        assert result["mean"] == {"loss": 1.5, "n": 2.0}
         value, flag = result["non_finite"]
         assert value == 2.0 and math.isnan(flag), "rank 1's NaN reaches every rank"
         assert result["gathered"] == [{"rank": 0}, {"rank": 1}]
@@ -81,5 +78,4 @@ def test_single_process_is_a_no_op() -> None:
     info = DistInfo()
     values = torch.tensor([1.0, 2.0])
     assert sum_across_ranks(values, info) is values
-    assert mean_across_ranks({"a": 1.0}, info) == {"a": 1.0}
     assert gather_objects(3, info) == [3]

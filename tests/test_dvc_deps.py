@@ -88,6 +88,7 @@ def test_a_folder_dep_counts_every_module_under_it() -> None:
         "src/cellseg/model/checkpoint.py",
         "src/cellseg/model/mask_targets.py",
         "src/cellseg/model/maskrcnn.py",
+        "src/cellseg/model/safe_load.py",
     }
     assert listed_code(["data/prepared/val", "stages/train.py"]) == {"stages/train.py"}
 

@@ -343,7 +343,7 @@ def test_map_comparisons_of_exactly_the_worst_samples(tiny_project, tmp_path: Pa
 
 def _without_heads(checkpoint: Path, path: Path) -> Path:
     """The checkpoint's detector alone: aux heads switched off in its params and their weights dropped."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state["params"]["aux"]["enabled"] = False
     heads = ("center_head.", "boundary_head.")
     state["model"] = {k: v for k, v in state["model"].items() if not k.startswith(heads)}

@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import cellseg.eval.score_results as score_module
 from cellseg.data.io import write_label_tif
-from cellseg.eval.score_results import ResultsError, main, read_truth, score_results
+from cellseg.eval.score_results import ResultsError, main, read_results, read_truth, score_results
+from cellseg.infer.submit import RESULTS_FILE
 from cellseg.instances import Instances
 from cellseg.rle import to_coco_results
 from conftest import ROOT, disk_labels
@@ -140,6 +142,78 @@ def test_a_zip_without_results_and_a_missing_truth_dir(truth: dict) -> None:
     (truth["tmp"] / "ok.json").write_text("[]")
     with pytest.raises(ResultsError, match="truth folder not found"):
         score_results(truth["tmp"] / "ok.json", truth["tmp"] / "nowhere", truth["mapping"])
+
+
+def _zip(path: Path, entries: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return path
+
+
+def test_a_zip_must_hold_the_results_file_alone(truth: dict) -> None:
+    tmp, results = truth["tmp"], json.dumps(_results(truth)).encode()
+    cases = {
+        "extra.zip": (
+            {RESULTS_FILE: results, "notes.txt": b"x", "__MACOSX/._t": b""},
+            "alone; it also holds notes.txt, __MACOSX/._t",
+        ),
+        "nested.zip": (
+            {f"submission/{RESULTS_FILE}": results},
+            "no test-results.json at the root of the zip "
+            r"\(it holds submission/test-results.json\)",
+        ),
+        "empty.zip": ({}, r"no test-results.json at the root of the zip \(it is empty\)"),
+    }
+    for name, (entries, message) in cases.items():
+        with pytest.raises(ResultsError, match=message) as err:
+            read_results(_zip(tmp / name, entries))
+        assert str(err.value).startswith(f"{tmp / name}: "), name
+    assert read_results(_zip(tmp / "ok.zip", {RESULTS_FILE: results})) == json.loads(results)
+
+
+def test_an_oversized_results_file_is_not_unpacked(truth: dict, monkeypatch) -> None:
+    tmp, results = truth["tmp"], json.dumps(_results(truth)).encode()
+    archive = _zip(tmp / "big.zip", {RESULTS_FILE: results})
+    (tmp / "big.json").write_bytes(results)
+    monkeypatch.setattr(score_module, "MAX_RESULTS_BYTES", len(results) - 1)
+    opened = []
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda *a, **k: opened.append(a) or pytest.fail("unpacked"))
+    with pytest.raises(
+        ResultsError,
+        match=rf"big.zip: test-results.json unpacks to {len(results):,} bytes, more "
+        rf"than a results file may have \({len(results) - 1:,} bytes\); not unpacked",
+    ):
+        read_results(archive)
+    with pytest.raises(
+        ResultsError, match=rf"big.json: {len(results):,} bytes, more than a results file may have"
+    ):
+        read_results(tmp / "big.json")
+    assert not opened
+
+
+def test_a_zip_bomb_is_not_unpacked(truth: dict, monkeypatch) -> None:
+    """Valid JSON (an empty list padded with 8 MiB of spaces) packed about 1000:1: refused by its ratio alone."""
+    archive = _zip(truth["tmp"] / "bomb.zip", {RESULTS_FILE: b"[" + b" " * (8 << 20) + b"]"})
+    assert zipfile.ZipFile(archive).infolist()[0].compress_size < (8 << 20) // 500
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda *a, **k: pytest.fail("unpacked"))
+    with pytest.raises(
+        ResultsError, match=r"bomb.zip: test-results.json unpacks to \d+ times its packed size"
+    ):
+        read_results(archive)
+
+
+def test_a_header_that_understates_the_size_is_an_error(truth: dict) -> None:
+    """The zip's headers say 10 bytes; the entry holds 20,000: at most the declared bytes are unpacked."""
+    archive = _zip(truth["tmp"] / "lying.zip", {RESULTS_FILE: b"[" + b" " * 19998 + b"]"})
+    raw = bytearray(archive.read_bytes())
+    info = zipfile.ZipFile(archive).infolist()[0]
+    for offset in (info.header_offset + 22, raw.rindex(b"PK\x01\x02") + 24):  # local and central headers
+        raw[offset : offset + 4] = (10).to_bytes(4, "little")
+    archive.write_bytes(bytes(raw))
+    assert zipfile.ZipFile(archive).infolist()[0].file_size == 10
+    with pytest.raises(ResultsError, match=r"lying.zip: cannot read the results \(BadZipFile: Bad CRC-32"):
+        read_results(archive)
 
 
 @pytest.mark.skipif(not CONSEP.is_dir(), reason=f"consep-dev not available at {CONSEP} (../shared)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import time
@@ -19,12 +20,14 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+import cellseg
 from cellseg.data.io import DataFormatError, read_label, read_test_mapping, save_test_npz, write_image_tif
 from cellseg.fsutil import write_json
 from cellseg.infer.folder import label_maps, list_images, predict_folder, read_any_image
 from cellseg.infer.submit import RESULTS_FILE, ZIP_FILE, load_test_images, submit, write_submission
 from cellseg.infer.thresholds import untuned
 from cellseg.instances import Instances
+from cellseg.provenance import PROVENANCE_FILE
 from cellseg.rle import decode, encode_mask
 from conftest import ROOT, tiny_params
 
@@ -76,10 +79,31 @@ def _coco_gt_from_mapping(mapping_path: Path) -> COCO:
 
 
 def test_zip_holds_exactly_the_results_file(submission: Path) -> None:
-    assert sorted(p.name for p in submission.iterdir()) == sorted([RESULTS_FILE, ZIP_FILE])
+    assert sorted(p.name for p in submission.iterdir()) == sorted([RESULTS_FILE, ZIP_FILE, PROVENANCE_FILE])
     with zipfile.ZipFile(submission / ZIP_FILE) as archive:
         assert archive.namelist() == [RESULTS_FILE]
         assert archive.read(RESULTS_FILE) == (submission / RESULTS_FILE).read_bytes()
+
+
+def assert_provenance(record: dict, checkpoint: Path, tiny_project, thresholds: str, workdir: Path) -> None:
+    """The record names the checkpoint as it was given, by its sha256, with its training params and epochs, and
+    the thresholds file (as given, relative to ``workdir``) whose values the run used."""
+    assert record["checkpoint"] == str(checkpoint)
+    assert record["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert record["checkpoint_bytes"] == checkpoint.stat().st_size
+    assert record["cellseg_version"] == cellseg.__version__
+    assert record["trained_params"] == tiny_project["params"].to_dict()
+    assert record["trained_epochs"] == tiny_project["params"].train.epochs
+    assert record["thresholds"] == thresholds
+    tuned = json.loads((workdir / thresholds).read_text())
+    assert record["predict"]["label_score_threshold"] == tuned["label_score_threshold"]
+    assert set(record["postproc"]) >= {"split", "trim", "recover", "rescore", "peak_threshold"}
+
+
+def test_the_submission_records_its_provenance(submission: Path, tiny_project) -> None:
+    record = json.loads((submission / PROVENANCE_FILE).read_text())
+    checkpoint = tiny_project["models"] / "best.pt"
+    assert_provenance(record, checkpoint, tiny_project, "thresholds.json", submission.parent)
 
 
 def test_results_load_with_pycocotools_and_match_the_mapping(submission: Path, tiny_project) -> None:
@@ -256,6 +280,10 @@ def test_predict_cli_with_the_real_model(tiny_project, tmp_path: Path) -> None:
     argv = [str(tiny_project["models"] / "best.pt"), str(tmp_path / "in"), str(tmp_path / "out")]
     argv += ["--thresholds", str(tmp_path / "thresholds.json")]
     _run_stage("predict", argv, tiny_project, tmp_path / "work")
+    record = json.loads((tmp_path / "out" / PROVENANCE_FILE).read_text())
+    checkpoint = tiny_project["models"] / "best.pt"
+    assert_provenance(record, checkpoint, tiny_project, str(tmp_path / "thresholds.json"), tmp_path)
+    assert record["images"] == sorted(p.name for p in (tmp_path / "in").iterdir())
     found = 0
     for stem, size in sizes.items():
         assert (tmp_path / "out" / stem).is_dir()

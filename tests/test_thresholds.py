@@ -262,6 +262,7 @@ def test_every_stage_uses_the_stored_peak_threshold(tmp_path: Path, monkeypatch,
     got = {}
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(stage, "load_trained_model", lambda *a: (object(), None), raising=False)
+    monkeypatch.setattr(stage, "provenance", lambda *a: {}, raising=False)  # no checkpoint file here
     if name == "evaluate":
         monkeypatch.setattr(
             stage, "evaluate_checkpoint", lambda paths, p, device: got.update(postproc=p.postproc)

@@ -5,6 +5,9 @@ NUM_CLASSES = 4
 
 CLASS_NAMES = tuple(f"class{k}" for k in range(1, NUM_CLASSES + 1))
 
+MAP_NAMES = ("center", "boundary")
+"""The auxiliary maps: targets of the maps stage, outputs of the heads, keys of their npz files."""
+
 __version__ = "0.1.0"
 
 

@@ -14,6 +14,16 @@ from scipy import ndimage
 from skimage.segmentation import relabel_sequential
 
 
+def crop_to_box(mask: np.ndarray, y0: int = 0, x0: int = 0) -> tuple[tuple[int, int], np.ndarray] | None:
+    """``((y, x), crop)``: ``mask`` (placed at ``(y0, x0)``) cut to the bounding box of its pixels; ``None`` when
+    it has none. The one way a full or partial mask becomes an instance crop."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if len(rows) == 0:
+        return None
+    crop = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    return (y0 + int(rows[0]), x0 + int(cols[0])), np.ascontiguousarray(crop)
+
+
 @dataclass
 class Instances:
     """N instances of an image of ``height × width`` pixels.

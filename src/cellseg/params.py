@@ -94,6 +94,12 @@ def _start_trace() -> None:
     atexit.register(write)
 
 
+def as_dict(section: Any) -> dict[str, Any]:
+    """A section's keys and values, for a record (provenance); not a read of the keys."""
+    with _untraced():
+        return dataclasses.asdict(section)
+
+
 def replace(section: Any, **changes: Any) -> Any:
     """``dataclasses.replace`` for params (a copy is not a read of the keys it copies)."""
     with _untraced():
@@ -289,7 +295,7 @@ class TrainParams(_Section):
 
 @dataclass(frozen=True)
 class PredictParams(_Section):
-    """Inference and post-processing, shared by evaluation, submission and ``stages/predict.py``."""
+    """Inference and post-processing, shared by evaluation, submission and ``cellseg predict``."""
 
     score_threshold: float
     mask_threshold: float

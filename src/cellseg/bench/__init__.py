@@ -1,1 +1,1 @@
-"""Benchmarks: each module runs with `python -m cellseg.bench.<name>` and prints its figures and ratios."""
+"""Benchmarks: `cellseg bench <name>` (or `python -m cellseg.bench.<name>`) prints its figures and ratios."""

@@ -33,7 +33,7 @@ T = TypeVar("T")
 
 
 def reference_maps(labels: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    """DESIGN.md §2 word for word: one full-image mask per instance, scipy's morphology and centre of mass."""
+    """The reference's definition word for word: one full-image mask per instance, scipy's morphology and centre of mass."""
     heat = np.zeros(labels.shape[1:], np.float64)
     boundary = np.zeros(labels.shape[1:], np.uint8)
     for row in labels:

@@ -29,7 +29,7 @@ from cellseg.data.synth import ImageSpec, generate
 from cellseg.infer.postproc import find_peaks, refine
 from cellseg.infer.predict import predict_image
 from cellseg.infer.prob_maps import ProbMaps
-from cellseg.instances import Instances
+from cellseg.instances import Instances, crop_to_box
 from cellseg.model.maskrcnn import build_model, for_inference
 from cellseg.params import load_params
 
@@ -62,10 +62,9 @@ def imperfect_detections(truth: Instances, seed: int = 0) -> Instances:
         members = np.flatnonzero(merged_into == i)
         if missed[i] or merged_into[i] != i:
             continue
-        mask = masks[members].any(axis=0)
-        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-        offsets.append((rows[0], cols[0]))
-        crops.append(mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+        offset, crop = crop_to_box(masks[members].any(axis=0))
+        offsets.append(offset)
+        crops.append(crop)
         labels.append(truth.labels[i])
         scores.append(rng.uniform(0.3, 1.0))
     return Instances(

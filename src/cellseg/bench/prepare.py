@@ -6,7 +6,9 @@ path loads the npz once and splits instances inside their bounding boxes (``cell
 
     python -m cellseg.bench.prepare [<raw sample folder>] [--repeats N]
 
-Defaults to the real fixture (``../shared/fixtures/hw3-sample/train/sample-image``).
+Defaults to the real fixture (``../shared/fixtures/hw3-sample/train/sample-image``); without it (a clone
+without ``../shared``), to a synthetic demo sample of the same size and density, written as real tifs, and
+the output says so.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from cellseg.data.io import (
     read_train_sample,
     save_train_npz,
 )
+from cellseg.data.synth import ImageSpec, write_image
 
 FIXTURE = (
     Path(__file__).resolve().parents[4] / "shared" / "fixtures" / "hw3-sample" / "train" / "sample-image"
@@ -75,12 +78,27 @@ def _best_time(fn, repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="targets from tifs vs from npz")
-    parser.add_argument("folder", nargs="?", type=Path, default=FIXTURE)
+    parser.add_argument("folder", nargs="?", type=Path, help="a raw sample folder (default: the real fixture)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    folder = args.folder
-    if not (folder / IMAGE_FILE).exists():
-        raise SystemExit(f"{folder}: no {IMAGE_FILE}; pass a raw sample folder")
+    with tempfile.TemporaryDirectory() as demo:
+        folder = args.folder
+        if folder is None:
+            folder = FIXTURE if (FIXTURE / IMAGE_FILE).exists() else _demo_sample(Path(demo))
+        elif not (folder / IMAGE_FILE).exists():
+            raise SystemExit(f"{folder}: no {IMAGE_FILE}; pass a raw sample folder")
+        _run(folder, args.repeats)
+
+
+def _demo_sample(out: Path) -> Path:
+    """A synthetic sample in the raw format, the size and density of the real fixture (397×482, ~160 cells)."""
+    print(f"real fixture not found at {FIXTURE}: using a synthetic demo sample instead")
+    spec = ImageSpec("train", "demo-sample", 397, 482, 160, (0, 7))
+    write_image(out, spec)
+    return out / "train" / spec.name
+
+
+def _run(folder: Path, repeats: int) -> None:
     sample = RawTrainSample(
         folder.name,
         folder / IMAGE_FILE,
@@ -97,13 +115,13 @@ def main(argv: list[str] | None = None) -> None:
             and torch.equal(ref["boxes"][order], fast["boxes"][order_fast])
             and torch.equal(ref["labels"][order], fast["labels"][order_fast])
         )
-        t_ref = _best_time(lambda: reference_targets(folder), args.repeats)
-        t_npz = _best_time(lambda: npz_targets(npz), args.repeats)
+        t_ref = _best_time(lambda: reference_targets(folder), repeats)
+        t_npz = _best_time(lambda: npz_targets(npz), repeats)
     h, w = fast["image"].shape[:2]
     print(f"sample: {folder} ({h}x{w}, {len(fast['labels'])} instances)")
     print(f"identical targets: {same}")
-    print(f"reference (tifs, per-instance split): {t_ref * 1000:8.1f} ms  (best of {args.repeats})")
-    print(f"prepared (npz, box-local split):      {t_npz * 1000:8.1f} ms  (best of {args.repeats})")
+    print(f"reference (tifs, per-instance split): {t_ref * 1000:8.1f} ms  (best of {repeats})")
+    print(f"prepared (npz, box-local split):      {t_npz * 1000:8.1f} ms  (best of {repeats})")
     print(f"speed-up: {t_ref / t_npz:.1f}x")
     if not same:
         raise SystemExit("targets differ")

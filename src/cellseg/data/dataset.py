@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cellseg.data.io import DataFormatError, load_npz
+from cellseg import MAP_NAMES
+from cellseg.data.io import DataFormatError, load_npz, visible_files
 from cellseg.instances import Instances
 from cellseg.params import AugmentParams
 
@@ -133,7 +134,7 @@ class CellDataset(Dataset):
         augment: A.Compose | None = None,
         seed: int = 0,
     ) -> None:
-        self.files = sorted(Path(prepared_dir).glob("*.npz"))
+        self.files = visible_files(prepared_dir, (".npz",))
         self.maps_dir = Path(maps_dir) if maps_dir is not None else None
         self.crop_size = crop_size
         self.augment = augment
@@ -157,7 +158,7 @@ class CellDataset(Dataset):
         if self.maps_dir is not None:
             maps_path = self.maps_dir / path.name
             maps = npz_memmaps(maps_path)
-            for key in ("center", "boundary"):
+            for key in MAP_NAMES:
                 if key not in maps or maps[key].shape != sample["image"].shape[:2]:
                     raise DataFormatError(
                         f"{maps_path}: missing or mis-sized '{key}' map (rerun the maps stage)"
@@ -178,7 +179,7 @@ class CellDataset(Dataset):
             sample = self._augment(sample, int(rng.integers(2**31)))
         image = torch.from_numpy(np.ascontiguousarray(sample["image"].transpose(2, 0, 1))).float().div_(255.0)
         target = instance_targets(sample["labels"])
-        for key in ("center", "boundary"):
+        for key in MAP_NAMES:
             if key in sample:
                 target[key] = torch.from_numpy(np.ascontiguousarray(sample[key], dtype=np.float32))
         return image, target
@@ -186,10 +187,10 @@ class CellDataset(Dataset):
     def _augment(self, sample: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
         self.augment.set_random_seed(seed)
         inputs = {"image": sample["image"], "mask": np.ascontiguousarray(sample["labels"].transpose(1, 2, 0))}
-        inputs.update({k: sample[k] for k in ("center", "boundary") if k in sample})
+        inputs.update({k: sample[k] for k in MAP_NAMES if k in sample})
         out = self.augment(**inputs)
         result = {"image": out["image"], "labels": np.ascontiguousarray(out["mask"].transpose(2, 0, 1))}
-        result.update({k: out[k] for k in ("center", "boundary") if k in sample})
+        result.update({k: out[k] for k in MAP_NAMES if k in sample})
         return result
 
 

@@ -1,6 +1,6 @@
 """Reading and writing the raw dataset format (tif) and the prepared format (npz).
 
-Raw layout (DESIGN.md §1)::
+Raw layout (README "Your own data")::
 
     <raw>/train/<sample>/image.tif                 RGB(A) image, often LZW-compressed
     <raw>/train/<sample>/class1.tif .. class4.tif  label images (float64 in the real data); absent = no instance
@@ -287,7 +287,7 @@ def list_test_images(raw_dir: str | Path) -> list[tuple[TestEntry, Path]]:
     if not test_dir.is_dir():
         raise DataFormatError(f"{test_dir}: missing folder, but {mapping_path.name} exists")
     entries = read_test_mapping(mapping_path)
-    on_disk = {p.name: p for p in test_dir.iterdir() if p.suffix.lower() in (".tif", ".tiff")}
+    on_disk = {p.name: p for p in visible_files(test_dir, (".tif", ".tiff"))}
     mapped = {e.file_name for e in entries}
     missing = sorted(mapped - on_disk.keys())
     if missing:
@@ -348,9 +348,23 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
         raise DataFormatError(f"{path}: cannot read as npz ({type(err).__name__}: {err})") from err
 
 
+def visible_files(folder: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """The files of ``folder`` with one of ``suffixes`` (any case), in name order, without hidden ones.
+
+    The one listing every reader uses: a dot-file (``._x.tif`` from macOS, ``.x.npz`` from an editor) is never
+    data. A missing folder lists nothing.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")
+    )
+
+
 def list_samples(split_dir: Path) -> list[Path]:
     """The prepared ``*.npz`` samples of a split, in name order; a missing or empty split is an error."""
-    files = sorted(p for p in Path(split_dir).glob("*.npz") if not p.name.startswith("."))
+    files = visible_files(split_dir, (".npz",))
     if not files:
         raise DataFormatError(
             f"{split_dir}: no prepared samples to evaluate (run the prepare stage; "

@@ -1,4 +1,4 @@
-"""The ``maps`` stage: per-sample auxiliary targets, a centre heatmap and a boundary map (DESIGN.md §2).
+"""The ``maps`` stage: per-sample auxiliary targets, a centre heatmap and a boundary map (the reference's definition).
 
 The definition works one instance at a time on full-image masks, which costs instances × area: about 4 s for a
 dense 1153×1307 image. The functions here give exactly the same maps in time linear in the area (up to one sort
@@ -20,7 +20,7 @@ from skimage.segmentation import find_boundaries
 from tqdm import tqdm
 
 from cellseg import NUM_CLASSES
-from cellseg.data.io import DataFormatError, load_npz
+from cellseg.data.io import DataFormatError, load_npz, visible_files
 from cellseg.fsutil import atomic_dir, save_npz
 from cellseg.params import MapsParams
 
@@ -114,7 +114,7 @@ def list_prepared(prepared_dir: str | Path) -> list[tuple[str, Path]]:
             raise DataFormatError(
                 f"{split_dir}: missing folder (expected {prepared_dir}/{{train,val}}/<sample>.npz)"
             )
-        samples += [(split, p) for p in sorted(split_dir.glob("*.npz")) if not p.name.startswith(".")]
+        samples += [(split, p) for p in visible_files(split_dir, (".npz",))]
     if not samples:
         raise DataFormatError(f"{prepared_dir}: no prepared samples in train/ or val/")
     return samples

@@ -181,8 +181,9 @@ def evaluate(
 def match_instances(gt: Instances, pred: Instances, iou_threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """Class-agnostic greedy matching, best score first: ``(gt_index, pred_index)`` of the matched pairs.
 
-    Each prediction takes the still unmatched ground truth of highest mask IoU ≥ ``iou_threshold``, as COCOeval
-    does. ``pycocotools.mask.iou`` compares boxes first and skips the masks of pairs whose boxes do not overlap.
+    Each prediction takes the still unmatched ground truth of highest mask IoU above ``iou_threshold``
+    (``nuclei_metrics.MATCH_IOU``'s rule, the one the PQ and F1 figures use; COCOeval itself counts ≥).
+    ``pycocotools.mask.iou`` compares boxes first and skips the masks of pairs whose boxes do not overlap.
     """
     if len(gt) == 0 or len(pred) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -190,7 +191,7 @@ def match_instances(gt: Instances, pred: Instances, iou_threshold: float) -> tup
     free = np.ones(len(gt), bool)
     gt_idx, pred_idx = [], []
     for d in np.argsort(-pred.scores, kind="stable"):
-        candidates = np.where(free & (ious[d] >= iou_threshold), ious[d], -1.0)
+        candidates = np.where(free & (ious[d] > iou_threshold), ious[d], -1.0)
         g = int(np.argmax(candidates))
         if candidates[g] >= 0:
             free[g] = False

@@ -65,7 +65,9 @@ from cellseg import NUM_CLASSES
 from cellseg.instances import Instances
 
 MATCH_IOU = 0.5
-"""Pairs need an IoU strictly above this."""
+"""A prediction matches a nucleus when their mask IoU is strictly above this (HoVer-Net's rule: above 0.5 a
+nucleus has at most one match). The one matching threshold of cellseg's own figures: PQ, F1, the confusion
+matrix and the overlays (``coco_metrics.match_instances``). COCO AP and its PR curves are COCOeval's own (≥)."""
 UNDEFINED = -1.0
 """A split figure without any image (or class) to average over, as COCO writes it."""
 DEFAULT_MIN_KEPT_FRACTION = 0.5

@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cellseg import CLASS_NAMES
+from cellseg import CLASS_NAMES, MAP_NAMES
 from cellseg.data.io import DataFormatError, list_samples, load_npz
 from cellseg.eval.coco_metrics import confusion_matrix
-from cellseg.eval.nuclei_metrics import SplitScores, per_image_csv
+from cellseg.eval.nuclei_metrics import MATCH_IOU, SplitScores, per_image_csv
 from cellseg.eval.plots import save_map_comparison, save_overlay, write_confusion, write_pr_curves
 from cellseg.eval.score_model import ScoredSplit, nuclei_scores, score_files
 from cellseg.fsutil import atomic_dir, atomic_file, write_json
@@ -45,10 +45,6 @@ from cellseg.rle import to_coco_results
 RESULTS_FILE, IMAGES_FILE = "val-results.json", "val-images.json"
 PR_DIR, CONFUSION_FILE, OVERLAYS_DIR, MAPS_DIR = "pr", "confusion.csv", "overlays", "maps"
 """Inside the plots directory: each is one output of the stage in dvc.yaml, replaced on its own."""
-MATCH_IOU = 0.5
-"""Mask IoU at which the confusion matrix and the overlays count a match: the leaderboard's AP50 threshold."""
-MAP_KEYS = ("center", "boundary")
-"""The arrays of a maps-stage file (``cellseg.data.maps.write_maps``), at the prepared image's pixels."""
 
 MapPredictor = Callable[[np.ndarray], ProbMaps | None]
 """The heads' maps of one image at its pixels, ``None`` for a model without heads (``predict_image_maps``)."""
@@ -194,13 +190,13 @@ def load_target_maps(path: Path, shape: tuple[int, int]) -> ProbMaps:
     maps too, so no resampling is needed; a size mismatch means the maps are stale.
     """
     arrays = load_npz(path)
-    for key in MAP_KEYS:
+    for key in MAP_NAMES:
         if key not in arrays or arrays[key].shape != tuple(shape):
             found = arrays[key].shape if key in arrays else "missing"
             raise DataFormatError(
                 f"{path}: '{key}' map {found}, the image is {tuple(shape)} (rerun the maps stage)"
             )
-    return ProbMaps(*(arrays[key].astype(np.float32) for key in MAP_KEYS))
+    return ProbMaps(*(arrays[key].astype(np.float32) for key in MAP_NAMES))
 
 
 def _rank_text(nuclei: SplitScores, i: int, rank: int) -> str:

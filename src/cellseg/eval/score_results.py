@@ -19,6 +19,7 @@ import json
 import math
 import sys
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,8 @@ from cellseg.data.io import CLASS_FILES, TestEntry, read_label, read_test_mappin
 from cellseg.eval.coco_metrics import LEADERBOARD_MAX_DETECTIONS, evaluate
 from cellseg.eval.nuclei_metrics import DEFAULT_MIN_KEPT_FRACTION, SplitScores, per_image_csv, score_split
 from cellseg.infer.submit import RESULTS_FILE
-from cellseg.instances import Instances
+from cellseg.instances import Instances, crop_to_box
+from cellseg.rle import decode
 
 DEFAULT_SCORE_THRESHOLD = 0.5
 
@@ -39,26 +41,87 @@ class ResultsError(CellsegError, ValueError):
     """A results file that cannot be scored; the message names the file (and row) and the problem."""
 
 
+MAX_RESULTS_BYTES = 1 << 30
+"""The largest results JSON read (1 GiB, unpacked): millions of masks; parsing needs several times it in memory."""
+MAX_COMPRESSION_RATIO = 200
+"""Unpacked / packed size beyond which a zip entry is refused as a zip bomb (real results pack about 5:1)."""
+RATIO_FLOOR = 1 << 20
+"""Entries unpacking to less than this (1 MiB) are read whatever their ratio: they cannot hurt."""
+
+
 # -------------------------------------------------------------------------------------------------- reading
 def read_results(path: str | Path) -> list[dict]:
-    """The rows of a COCO results JSON, or of the ``test-results.json`` inside a ``.zip``."""
+    """The rows of a COCO results JSON, or of the ``test-results.json`` inside a ``.zip``.
+
+    A zip must hold that one file at its root, unpacking to at most :data:`MAX_RESULTS_BYTES` and at most
+    :data:`MAX_COMPRESSION_RATIO` times its packed size; it is read by a bounded read, so a header that
+    understates the size cannot make it unpack more. Anything else is refused before it is unpacked.
+    """
     path = Path(path)
     if not path.is_file():
         raise ResultsError(f"{path}: results file not found")
     try:
         if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                if RESULTS_FILE not in archive.namelist():
-                    raise ResultsError(f"{path}: no {RESULTS_FILE} at the root of the zip")
-                text = archive.read(RESULTS_FILE).decode("utf-8")
+            data = _read_zip_entry(path)
         else:
-            text = path.read_text(encoding="utf-8")
-        rows = json.loads(text)
-    except (OSError, UnicodeDecodeError, zipfile.BadZipFile, json.JSONDecodeError) as err:
+            size = path.stat().st_size
+            if size > MAX_RESULTS_BYTES:
+                raise ResultsError(f"{path}: {size:,} bytes, more than a results file may have ({_limit()})")
+            data = path.read_bytes()
+        rows = json.loads(data.decode("utf-8"))
+    except (
+        OSError,
+        EOFError,
+        RuntimeError,  # an encrypted entry
+        NotImplementedError,  # a compression method zipfile lacks
+        UnicodeDecodeError,
+        zipfile.BadZipFile,
+        zlib.error,
+        json.JSONDecodeError,
+    ) as err:
         raise ResultsError(f"{path}: cannot read the results ({type(err).__name__}: {err})") from err
     if not isinstance(rows, list):
         raise ResultsError(f"{path}: expected a JSON list of COCO results rows, got {type(rows).__name__}")
     return rows
+
+
+def _limit() -> str:
+    return f"{MAX_RESULTS_BYTES:,} bytes"
+
+
+def _read_zip_entry(path: Path) -> bytes:
+    """The bytes of the zip's ``test-results.json``, after checking what the zip declares (see
+    :func:`read_results`)."""
+    with zipfile.ZipFile(path) as archive:
+        entries = archive.infolist()
+        names = [e.filename for e in entries]
+        others = [name for name in names if name != RESULTS_FILE]
+        listed = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        if RESULTS_FILE not in names:
+            holds = f" (it holds {listed})" if others else " (it is empty)"
+            raise ResultsError(f"{path}: no {RESULTS_FILE} at the root of the zip{holds}")
+        if others or names.count(RESULTS_FILE) > 1:
+            extra = listed or f"{names.count(RESULTS_FILE)} entries of that name"
+            raise ResultsError(f"{path}: the zip must hold {RESULTS_FILE} alone; it also holds {extra}")
+        (entry,) = entries
+        if entry.file_size > MAX_RESULTS_BYTES:
+            raise ResultsError(
+                f"{path}: {RESULTS_FILE} unpacks to {entry.file_size:,} bytes, more than a results file may "
+                f"have ({_limit()}); not unpacked"
+            )
+        ratio = entry.file_size / max(entry.compress_size, 1)
+        if entry.file_size > RATIO_FLOOR and ratio > MAX_COMPRESSION_RATIO:
+            raise ResultsError(
+                f"{path}: {RESULTS_FILE} unpacks to {ratio:.0f} times its packed size ({entry.file_size:,} "
+                f"bytes), far beyond any results file (at most {MAX_COMPRESSION_RATIO}): not unpacked"
+            )
+        with archive.open(entry) as stream:
+            data = stream.read(entry.file_size + 1)  # bounded: never more than the declared size
+    if len(data) != entry.file_size:
+        raise ResultsError(
+            f"{path}: {RESULTS_FILE} unpacks to more or fewer bytes than the zip declares ({entry.file_size:,})"
+        )
+    return data
 
 
 def read_truth(truth_dir: str | Path, entries: list[TestEntry]) -> tuple[list[Instances], list[str]]:
@@ -104,7 +167,7 @@ def _mask(row: dict, entry: TestEntry, path: Path, i: int) -> np.ndarray:
                 "size": [entry.height, entry.width],
                 "counts": counts.encode() if isinstance(counts, str) else counts,
             }
-        return mask_utils.decode(rle).astype(bool)
+        return decode(rle)
     except Exception as err:  # pycocotools raises bare errors on corrupt counts
         raise _row_error(path, i, f"cannot decode the RLE ({type(err).__name__}: {err})") from err
 
@@ -136,13 +199,10 @@ def results_to_instances(
 def _instances(entry: TestEntry, found: list[tuple[int, float, np.ndarray]]) -> Instances:
     offsets, crops = [], []
     for _, _, mask in found:
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        if len(rows) == 0:  # an empty mask: a one-pixel empty crop keeps its row (it can only miss)
-            offsets.append((0, 0))
-            crops.append(np.zeros((1, 1), bool))
-            continue
-        offsets.append((rows[0], cols[0]))
-        crops.append(mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+        # an empty mask: a one-pixel empty crop keeps its row (it can only miss)
+        offset, crop = crop_to_box(mask) or ((0, 0), np.zeros((1, 1), bool))
+        offsets.append(offset)
+        crops.append(crop)
     n = len(found)
     return Instances(
         entry.height,

@@ -9,6 +9,10 @@ The files hold one nucleus per pixel across all classes, with the tuned threshol
 
 On request (``maps_format``), a model with auxiliary heads also writes its centre and boundary probabilities
 beside the label maps: ``center.png`` and ``boundary.png`` (8-bit, 255 = 1.0) or ``maps.npz`` (float32).
+
+``<out>/provenance.json`` (:mod:`cellseg.provenance`, when given) records the model and settings of the latest
+run into ``<out>`` and the images it predicted. It is written before the first image folder, so every folder a
+run writes is described by it.
 """
 
 from __future__ import annotations
@@ -24,17 +28,18 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from cellseg import NUM_CLASSES, CellsegError
-from cellseg.data.io import CLASS_FILES, DataFormatError, read_image, to_rgb8, write_label_tif
+from cellseg.data.io import CLASS_FILES, DataFormatError, read_image, to_rgb8, visible_files, write_label_tif
 from cellseg.device import select_device
 from cellseg.eval.nuclei_metrics import label_map
-from cellseg.fsutil import atomic_dir, save_npz
+from cellseg.fsutil import atomic_dir, save_npz, write_json
 from cellseg.infer.predict import predict_images_maps
 from cellseg.infer.prob_maps import ProbMaps
 from cellseg.infer.thresholds import THRESHOLDS_FILE, tuned_postproc_params, tuned_predict_params
 from cellseg.instances import Instances
 from cellseg.model.checkpoint import load_trained_model
 from cellseg.model.maskrcnn import CellMaskRCNN
-from cellseg.params import PostprocParams, PredictParams, load_params
+from cellseg.params import PostprocParams, PredictParams, as_dict, load_params
+from cellseg.provenance import PROVENANCE_FILE, provenance
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 _PIL_MODES = ("L", "RGB", "RGBA", "I;16", "I;16L", "I;16B", "I", "F")  # read as arrays, not converted
@@ -46,7 +51,7 @@ def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataFormatError(f"{folder}: not a folder")
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = visible_files(folder, IMAGE_SUFFIXES)
     if not paths:
         raise DataFormatError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
     stems: dict[str, Path] = {}
@@ -142,11 +147,14 @@ def predict_folder(
     device: torch.device,
     postproc: PostprocParams | None = None,
     maps_format: str | None = None,
+    record: dict | None = None,
 ) -> dict:
     """Predict every image of ``in_dir`` into ``out_dir/<stem>/``; return the instance count per image.
 
-    Only the per-image folders are replaced, so other content of ``out_dir`` is left alone. ``postproc`` adds
-    the map-guided steps; ``maps_format`` (``png`` or ``npz``) also writes the heads' maps.
+    Only the per-image folders (and ``provenance.json``) are replaced, so other content of ``out_dir`` is left
+    alone. ``postproc`` adds the map-guided steps; ``maps_format`` (``png`` or ``npz``) also writes the heads'
+    maps; ``record`` (:func:`cellseg.provenance.provenance` and the settings) goes to ``provenance.json`` with
+    the names of the images.
     """
     if maps_format is not None and not getattr(model, "has_aux", False):
         raise CellsegError(
@@ -154,6 +162,8 @@ def predict_folder(
         )
     paths = list_images(in_dir)
     out_dir = Path(out_dir)
+    if record is not None:
+        write_json(out_dir / PROVENANCE_FILE, {**record, "images": [p.name for p in paths]})
     counts = {}
     predictions = predict_images_maps(model, _read_all(paths), params, device, postproc)
     for path, (inst, maps) in tqdm(
@@ -174,7 +184,11 @@ def main(argv: list[str] | None = None, prog: str = "cellseg predict") -> None:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="e.g. models/best.pt")
     parser.add_argument("image_folder", help=f"images to predict ({', '.join(IMAGE_SUFFIXES)})")
-    parser.add_argument("out_dir", help="written: <stem>/class{k}.tif per image (absent when no instance)")
+    parser.add_argument(
+        "out_dir",
+        help="written: <stem>/class{k}.tif per image (absent when no instance), and provenance.json (the "
+        "checkpoint's sha256 and training params, the cellseg version, the settings, the images)",
+    )
     parser.add_argument(
         "--thresholds",
         type=Path,
@@ -190,7 +204,7 @@ def main(argv: list[str] | None = None, prog: str = "cellseg predict") -> None:
     args = parser.parse_args(argv)
     params = load_params()
     device = select_device(params.predict.device, "predict.device")
-    model, _ = load_trained_model(args.checkpoint, device)
+    model, state = load_trained_model(args.checkpoint, device)
     thresholds = args.thresholds
     if thresholds is None and (Path(args.checkpoint).parent / THRESHOLDS_FILE).is_file():
         thresholds = Path(args.checkpoint).parent / THRESHOLDS_FILE
@@ -203,5 +217,13 @@ def main(argv: list[str] | None = None, prog: str = "cellseg predict") -> None:
         f"thresholds: score >= {scores}, mask > {predict.mask_threshold}{peaks} "
         f"({thresholds or 'params.yaml'})"
     )
-    counts = predict_folder(model, args.image_folder, args.out_dir, predict, device, postproc, args.maps)
+    record = {
+        **provenance(args.checkpoint, state),
+        "thresholds": str(thresholds) if thresholds else None,
+        "predict": as_dict(predict),
+        "postproc": as_dict(postproc),
+    }
+    counts = predict_folder(
+        model, args.image_folder, args.out_dir, predict, device, postproc, args.maps, record
+    )
     print(json.dumps(counts, indent=2))

@@ -31,7 +31,7 @@ from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
 
 from cellseg.infer.prob_maps import ProbMaps
-from cellseg.instances import Instances
+from cellseg.instances import Instances, crop_to_box
 from cellseg.params import PostprocParams
 
 
@@ -76,9 +76,9 @@ def _window(offset: np.ndarray, crop: np.ndarray) -> tuple[slice, slice]:
 
 def _tight(mask: np.ndarray, y0: int, x0: int) -> tuple[tuple[int, int], np.ndarray]:
     """``((y0, x0), crop)`` of a non-empty mask cut to its bounding box."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    crop = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    return (y0 + int(rows[0]), x0 + int(cols[0])), np.ascontiguousarray(crop)
+    tight = crop_to_box(mask, y0, x0)
+    assert tight is not None, "callers pass non-empty masks"
+    return tight
 
 
 def _rebuild(inst: Instances, labels: list, scores: list, offsets: list, crops: list) -> Instances:

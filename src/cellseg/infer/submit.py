@@ -3,7 +3,9 @@
 ``<out>/test-results.json`` holds ``[{"image_id", "category_id", "segmentation": {"size": [h, w], "counts": str},
 "score", "bbox": [x, y, w, h]}]``, with ``image_id`` from ``test_image_name_to_ids.json`` (carried by each
 prepared test npz), and ``<out>/submission.zip`` holds that file at its root under exactly that name, which is
-what the leaderboard reads. Both appear together or not at all.
+what the leaderboard reads. ``<out>/provenance.json`` (:mod:`cellseg.provenance`) records the checkpoint's
+sha256, the params it was trained with, the cellseg version and the inference settings; it stays outside the
+zip and the results file, whose formats are fixed. All appear together or not at all.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cellseg.data.io import DataFormatError, load_npz
-from cellseg.fsutil import atomic_dir
+from cellseg.data.io import DataFormatError, load_npz, visible_files
+from cellseg.fsutil import atomic_dir, write_json
 from cellseg.infer.predict import predict_images
 from cellseg.model.maskrcnn import CellMaskRCNN
 from cellseg.params import PostprocParams, PredictParams
+from cellseg.provenance import PROVENANCE_FILE
 from cellseg.rle import to_coco_results
 
 RESULTS_FILE = "test-results.json"
@@ -41,7 +44,7 @@ class TestImage:
 def load_test_images(test_dir: str | Path) -> list[TestImage]:
     """Every ``<test_dir>/*.npz`` in ``image_id`` order; missing images, ids or duplicate ids are errors."""
     test_dir = Path(test_dir)
-    files = sorted(test_dir.glob("*.npz"))
+    files = visible_files(test_dir, (".npz",))
     if not files:
         raise DataFormatError(
             f"{test_dir}: no test images (*.npz). The prepare stage writes them from the raw dataset's "
@@ -79,10 +82,13 @@ def predict_results(
     return [row for i in range(len(tests)) for row in rows[i]]
 
 
-def write_submission(rows: list[dict], out_dir: str | Path) -> Path:
-    """Write ``test-results.json`` and ``submission.zip`` (holding it at its root) atomically; return the zip."""
+def write_submission(rows: list[dict], out_dir: str | Path, record: dict | None = None) -> Path:
+    """Write ``test-results.json`` and ``submission.zip`` (holding it at its root), and ``provenance.json`` from
+    ``record`` when given, atomically; return the zip."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
+        if record is not None:
+            write_json(tmp / PROVENANCE_FILE, record)
         results = tmp / RESULTS_FILE
         results.write_text(json.dumps(rows))
         # a fixed timestamp: the same predictions give a byte-identical zip, so DVC sees an unchanged output
@@ -100,11 +106,15 @@ def submit(
     params: PredictParams,
     device: torch.device,
     postproc: PostprocParams | None = None,
+    record: dict | None = None,
 ) -> dict:
-    """Predict every test image of ``test_dir`` and write the submission to ``out_dir``; return a summary."""
+    """Predict every test image of ``test_dir`` and write the submission to ``out_dir``; return a summary.
+
+    ``record``: the provenance written beside it (:func:`cellseg.provenance.provenance` and the settings).
+    """
     tests = load_test_images(test_dir)
     rows = predict_results(model, tests, params, device, postproc)
-    write_submission(rows, out_dir)
+    write_submission(rows, out_dir, record)
     found = {row["image_id"] for row in rows}
     return {
         "images": len(tests),

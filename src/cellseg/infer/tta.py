@@ -18,10 +18,11 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
+from cellseg import MAP_NAMES
+
 FLIPS: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (False, True), (True, True))
 """(horizontal, vertical) flips of the views, in order: ``predict.tta_views`` takes the first 1, 2 or 4."""
 MERGE_IOU = 0.5
-IMAGE_KEYS = ("center", "boundary")
 """Image-level outputs of ``detect`` (the heads' probability maps): un-flipped and averaged over the views."""
 
 
@@ -33,7 +34,7 @@ def _flip_image(image: Tensor, horizontal: bool, vertical: bool) -> Tensor:
 def _unflip(det: dict[str, Tensor], height: int, width: int, horizontal: bool, vertical: bool) -> dict:
     """A view's detections in the original image's frame."""
     boxes, probs = det["boxes"].clone(), det["mask_probs"]
-    maps = {key: det[key] for key in IMAGE_KEYS if key in det}
+    maps = {key: det[key] for key in MAP_NAMES if key in det}
     if horizontal:
         boxes[:, [0, 2]] = width - det["boxes"][:, [2, 0]]
         probs = probs.flip(-1)
@@ -48,8 +49,8 @@ def _unflip(det: dict[str, Tensor], height: int, width: int, horizontal: bool, v
 def merge_views(views: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     """One detection per cluster of overlapping detections across views (see the module docstring)."""
     n_views = len(views)
-    maps = {key: torch.stack([v[key] for v in views]).mean(dim=0) for key in IMAGE_KEYS if key in views[0]}
-    merged = {key: torch.cat([v[key] for v in views]) for key in views[0] if key not in IMAGE_KEYS}
+    maps = {key: torch.stack([v[key] for v in views]).mean(dim=0) for key in MAP_NAMES if key in views[0]}
+    merged = {key: torch.cat([v[key] for v in views]) for key in views[0] if key not in MAP_NAMES}
     n = len(merged["scores"])
     if n_views == 1 or n == 0:
         return {**views[0], **maps}

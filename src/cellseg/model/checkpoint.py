@@ -2,7 +2,9 @@
 
 A checkpoint holds model, optimizer, scheduler and AMP-scaler states, the epoch, the params it was trained with,
 the best score so far, the per-epoch history and every rank's random generator state, so a resumed run continues
-exactly where the interrupted one stopped (a test checks bit-identical weights on CPU).
+exactly where the interrupted one stopped (a test checks bit-identical weights on CPU). Everything beyond the
+tensors is plain data (numbers, strings, lists, dicts): every checkpoint is read with torch's weights-only
+unpickler (:mod:`cellseg.model.safe_load`), so opening a model file never runs code from it.
 
 Resuming with changed params (:func:`resume_changes`): a change to what the weights *are* (architecture,
 trainable stages, anchors, aux heads) is an error that says so; ``train.lr``, ``train.weight_decay`` and
@@ -22,6 +24,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from cellseg import CellsegError
 from cellseg.fsutil import atomic_file
 from cellseg.model.maskrcnn import CellMaskRCNN, build_model, for_inference
+from cellseg.model.safe_load import check_weights_only, load_weights_only, plain, read_failure
 from cellseg.params import AuxParams, ModelParams, Params
 
 
@@ -39,19 +42,23 @@ def save_checkpoint(
 ) -> None:
     """Everything needed to resume or to rebuild the model, written atomically.
 
-    ``rng``: every rank's :func:`rng_state`, in rank order (this process's alone when not given).
+    ``rng``: every rank's :func:`rng_state`, in rank order (this process's alone when not given). Everything but
+    the tensors is saved as plain data (a numpy number in the history becomes a Python one), so the file loads
+    with ``weights_only=True``; anything else is a :class:`~cellseg.model.safe_load.NotWeightsOnlyError` here,
+    not a checkpoint that no one can open.
     """
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "epoch": epoch,
-        "params": params.to_dict(),
-        "best_score": best_score,
-        "history": history,
-        "rng": rng if rng is not None else [rng_state()],
+        "scheduler": plain(scheduler.state_dict()),
+        "scaler": plain(scaler.state_dict()),
+        "epoch": int(epoch),
+        "params": plain(params.to_dict()),
+        "best_score": float(best_score),
+        "history": plain(history),
+        "rng": plain(rng if rng is not None else [rng_state()]),
     }
+    check_weights_only(state, str(path))
     with atomic_file(path) as tmp:
         torch.save(state, tmp)
 
@@ -133,12 +140,38 @@ def resume_changes(saved: dict, params: Params, path: Path) -> tuple[dict[str, t
     return schedule, other
 
 
-def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
 class CheckpointError(CellsegError, ValueError):
     """A file that is not a cellseg checkpoint this version can rebuild a model from."""
+
+
+def read_checkpoint(path: str | Path) -> object:
+    """The contents of a model file, read without running code from it (:mod:`cellseg.model.safe_load`).
+
+    A file holding anything but tensors and plain data is an
+    :class:`~cellseg.model.safe_load.UnsafeModelFileError`; one torch cannot read, a :class:`CheckpointError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint (run the train stage first)")
+    try:
+        return load_weights_only(path)
+    except CellsegError:
+        raise
+    except Exception as err:  # zip, pickle and torch errors of many types
+        raise CheckpointError(f"{path}: cannot read as a torch file ({read_failure(err)})") from err
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A training checkpoint, to resume from (:func:`read_checkpoint`, checked to be one)."""
+    state = read_checkpoint(path)
+    needed = {"model", "optimizer", "scheduler", "scaler", "epoch", "params", "best_score", "history", "rng"}
+    missing = needed - set(state if isinstance(state, dict) else ())
+    if missing:
+        raise CheckpointError(
+            f"{path}: not a cellseg training checkpoint (no {', '.join(sorted(missing))}); set "
+            "train.resume=false to start a new run"
+        )
+    return state
 
 
 def load_trained_model(checkpoint: str | Path, device: torch.device) -> tuple[CellMaskRCNN, dict]:
@@ -149,14 +182,7 @@ def load_trained_model(checkpoint: str | Path, device: torch.device) -> tuple[Ce
     differ) is a :class:`CheckpointError` that says what is missing.
     """
     checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"{checkpoint}: no checkpoint (run the train stage first)")
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    except Exception as err:  # pickle, zip and torch errors of many types
-        raise CheckpointError(
-            f"{checkpoint}: cannot read as a torch file ({type(err).__name__}: {err})"
-        ) from err
+    state = read_checkpoint(checkpoint)
     if not isinstance(state, dict) or not {"model", "params"} <= state.keys():
         found = f"keys {sorted(state)[:5]}" if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(

@@ -40,15 +40,15 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.ops.poolers import initLevelMapper
 
-from cellseg import NUM_CLASSES, CellsegError
+from cellseg import MAP_NAMES, NUM_CLASSES, CellsegError
 from cellseg.model import mask_targets
+from cellseg.model.safe_load import load_weights_only, read_failure
 from cellseg.params import AuxParams, ModelParams
 
 mask_targets.install()  # mask targets from the matched masks only (same values, a fraction of the memory)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MAP_KEYS = ("center", "boundary")
 LITE_ARCH = "maskrcnn_resnet18_fpn_lite"
 LITE_CHANNELS = 64
 
@@ -139,9 +139,9 @@ def batch_maps(targets: list[dict[str, Tensor]], padded_size: tuple[int, int]) -
     """Stack each target's (resized) centre and boundary maps into ``B×2×H×W``, zero-padded at the bottom and
     right exactly as ``GeneralizedRCNNTransform.batch_images`` pads the images."""
     first = targets[0]["center"]
-    out = first.new_zeros((len(targets), len(MAP_KEYS), *padded_size))
+    out = first.new_zeros((len(targets), len(MAP_NAMES), *padded_size))
     for i, target in enumerate(targets):
-        for c, key in enumerate(MAP_KEYS):
+        for c, key in enumerate(MAP_NAMES):
             m = target[key]
             out[i, c, : m.shape[0], : m.shape[1]] = m
     return out
@@ -380,11 +380,11 @@ def load_matching_weights(model: nn.Module, path: str | Path) -> tuple[int, list
             f"model.pretrained: {path} is not a file (use none, imagenet, coco or a path)"
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # not a torch file, or one holding more than tensors (pickled objects)
-        raise PretrainedWeightsError(
-            f"{path}: cannot read as a weights file ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-        ) from err
+        state = load_weights_only(path)  # refuses a file holding more than tensors: nothing in it runs
+    except CellsegError:
+        raise
+    except Exception as err:  # not a torch file, a truncated one
+        raise PretrainedWeightsError(f"{path}: cannot read as a weights file ({read_failure(err)})") from err
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):

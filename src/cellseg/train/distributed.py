@@ -93,15 +93,6 @@ def sum_across_ranks(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return total
 
 
-def mean_across_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float]:
-    """Average logged numbers over ranks, so rank 0 logs the figures of the whole batch."""
-    if not info.enabled or not values:
-        return values
-    keys = sorted(values)
-    total = sum_across_ranks(torch.tensor([values[k] for k in keys], dtype=torch.float64), info)
-    return {k: v / info.world_size for k, v in zip(keys, total.tolist(), strict=True)}
-
-
 def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     """Every rank's ``obj`` (picklable), in rank order, on every rank (gloo group: CPU objects)."""
     if not info.enabled:

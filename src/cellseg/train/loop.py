@@ -19,9 +19,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from cellseg import CellsegError
+from cellseg import MAP_NAMES, CellsegError
 from cellseg.data.dataset import CellDataset, build_augmentation, collate
-from cellseg.data.io import load_npz
+from cellseg.data.io import load_npz, visible_files
 from cellseg.data.sampling import RepeatFactorSampler, classes_present, repeat_factors
 from cellseg.device import select_device
 from cellseg.eval.score_model import nuclei_scores, score_files
@@ -72,7 +72,7 @@ def seed_everything(seed: int) -> None:
 
 def check_inputs(params: Params, paths: TrainPaths) -> None:
     """Fail early, with the reason, before any expensive work."""
-    if not sorted((paths.prepared / "train").glob("*.npz")):
+    if not visible_files(paths.prepared / "train", (".npz",)):
         raise ParamsError(
             f"{paths.prepared / 'train'}: the training split is empty (run the prepare stage; "
             "check data.raw_dir and data.val_fraction)"
@@ -212,8 +212,8 @@ def _evaluate_epoch(model: CellMaskRCNN, paths: TrainPaths, params: Params, devi
     results = {}
     model.eval()
     subsets = {
-        "val": sorted((paths.prepared / "val").glob("*.npz")),
-        "train_subset": sorted((paths.prepared / "train").glob("*.npz"))[: params.train.train_eval_images],
+        "val": visible_files(paths.prepared / "val", (".npz",)),
+        "train_subset": visible_files(paths.prepared / "train", (".npz",))[: params.train.train_eval_images],
     }
     for name, files in subsets.items():
         if files:
@@ -241,7 +241,7 @@ def validation_map_losses(
     for path in files:
         image = torch.from_numpy(load_npz(path)["image"].transpose(2, 0, 1).copy()).float().div_(255.0)
         maps = load_npz(maps_dir / path.name)
-        targets = {k: torch.from_numpy(maps[k].astype("float32")).to(device) for k in ("center", "boundary")}
+        targets = {k: torch.from_numpy(maps[k].astype("float32")).to(device) for k in MAP_NAMES}
         for key, value in model.map_losses([image.to(device)], [targets]).items():
             sums[key] = sums.get(key, 0.0) + float(value)
     return {f"val/{key}": value / len(files) for key, value in sums.items()}
