@@ -7,7 +7,8 @@ BIN := $(VENV)/bin
 # Stage commands call `python`: put the venv first on PATH for dvc and everything it starts.
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: setup demo test test-fast lint bench clean-venv real-cpu real-cpu-args
+
+.PHONY: setup demo test test-fast lint bench clean-venv real-cpu real-cpu-args gpu-check
 
 # The real-data recipe for a 2-core CPU (tuned on consep-dev; README "Real data on a CPU"): one `dvc exp run`.
 RAW ?= data/raw
@@ -47,6 +48,12 @@ real-cpu: setup
 # The recipe's overrides alone (experiments/real_cpu_seeds.sh runs them in a scratch clone).
 real-cpu-args:
 	@echo $(REAL_CPU)
+
+# For a machine lent with a GPU, at most 8 minutes: bench train on CUDA (fp32 vs bf16, R50-FPN-v2, 512-px crops),
+# a 2-process NCCL smoke test when 2 GPUs exist, a short real-data run when GPU_RAW exists. Fails without a GPU.
+GPU_RAW ?= ../shared/datasets/consep-dev
+gpu-check: setup
+	$(RUN) experiments/gpu_check.sh $(GPU_RAW)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -210,7 +210,7 @@ def test_empty_truth_empty_prediction_and_both() -> None:
 
 def test_perfect_prediction_scores_one() -> None:
     rng = np.random.default_rng(3)
-    truth = truth_label_map(random_discs(rng, 30))
+    truth = label_map(random_discs(rng, 30))  # one region per nucleus, as every predicted label map has
     inst = instances(128, 128, [(int(c), truth.ids == i + 1, 1.0) for i, c in enumerate(truth.classes)])
     m = score_split(["t"], [inst], [inst], score_threshold=0.5).metrics
     for key in ("pq", "dq", "sq", "aji", "aji_plus", "dice2", "f1", "mpq_plus"):
@@ -265,3 +265,72 @@ def test_a_split_of_many_tiles_equals_the_sum_of_its_single_images() -> None:
     ]
     assert split["pq"] == pytest.approx(np.mean([m["pq"] for m in alone]))
     assert 0.3 < split["pq"] < 0.7
+
+
+# --------------------------------------------------------------------------------- one region per nucleus
+def _pieces(ids: np.ndarray, connectivity: int = 1) -> dict[int, int]:
+    """4-connected pieces (``connectivity=2``: 8-connected) of every id of a label map."""
+    structure = ndimage.generate_binary_structure(2, connectivity)
+    return {int(i): ndimage.label(ids == i, structure=structure)[1] for i in np.unique(ids) if i != 0}
+
+
+def test_a_piece_cut_off_by_a_neighbour_goes_to_the_neighbour_it_touches_most() -> None:
+    shape = (12, 12)
+    low = box(shape, slice(2, 10), slice(0, 12))  # class 2, 0.5: cut in three by the bar
+    bar = box(shape, slice(0, 12), slice(4, 6))  # class 3, 0.9: a vertical bar through it
+    right = box(shape, slice(2, 10), slice(9, 12))  # class 4, 0.7: overlaps low's right part
+    lm = label_map(instances(*shape, [(2, low, 0.5), (3, bar, 0.9), (4, right, 0.7)]))
+    assert lm.source.tolist() == [1, 2, 0]  # ranked: bar (id 1), right (id 2), low (id 3)
+    # low keeps cols 0-3 (32 px) and loses cols 6-8 (24 px), which touch the bar along 8 edges and right
+    # along 8: the tie goes to the higher-ranked bar
+    assert (lm.ids == 3).sum() == 32 and lm.ids[:, :4][2:10].min() == 3
+    assert (lm.ids[2:10, 6:9] == 1).all()
+    assert all(n == 1 for n in _pieces(lm.ids).values())
+    # without the rule, low is in two pieces
+    assert (
+        _pieces(
+            label_map(lm_input := instances(*shape, [(2, low, 0.5), (3, bar, 0.9)]), one_region=False).ids
+        )[2]
+        == 2
+    )
+    assert _pieces(label_map(lm_input).ids) == {1: 1, 2: 1}
+
+
+def test_a_piece_touching_no_other_nucleus_becomes_background() -> None:
+    shape = (10, 10)
+    a = box(shape, slice(0, 10), slice(0, 10))  # class 1, 0.4
+    a[:, 6] = False  # two pieces of its own (cols 0-5 and 7-9), touching nothing else
+    lm = label_map(instances(*shape, [(1, a, 0.4)]))
+    assert (lm.ids == 1).sum() == 60 and (lm.ids[:, 7:] == 0).all()
+    # the largest piece wins, and the kept fraction is not rechecked (60 of 90 px kept)
+    assert len(label_map(instances(*shape, [(1, a, 0.4)]), min_kept_fraction=0.9)) == 1
+
+
+def test_truth_label_maps_keep_their_pieces() -> None:
+    rows = np.zeros((4, 10, 10), np.int32)
+    rows[1, :, :3] = 5
+    rows[1, :, 7:] = 5  # one annotated nucleus in two pieces
+    lm = truth_label_map(Instances.from_label_rows(rows))
+    assert _pieces(lm.ids) == {1: 2}
+
+
+@pytest.mark.skipif(
+    not CONSEP_TRUTH.is_dir(), reason=f"real tiles not available at {CONSEP_TRUTH} (../shared)"
+)
+def test_no_nucleus_in_several_pieces_on_real_tiles() -> None:
+    """Real consep-dev nuclei, jittered into predictions (shifted, grown or shrunk, random scores): higher-scored
+    neighbours cut through lower ones (27 of 160 nuclei in several pieces without the rule); with the rule none
+    is, under 4- or 8-connectivity, and no nucleus is lost."""
+    rng = np.random.default_rng(0)
+    before = after = after8 = total = 0
+    for _, truth in _consep_tiles(8):
+        pred = jitter(truth, rng)
+        raw = label_map(pred, 0.0, 0.5, one_region=False)
+        kept = label_map(pred, 0.0, 0.5)
+        assert np.array_equal(raw.source, kept.source) and ((raw.ids > 0) == (kept.ids > 0)).sum() > 0
+        before += sum(n > 1 for n in _pieces(raw.ids).values())
+        after += sum(n > 1 for n in _pieces(kept.ids).values())
+        after8 += sum(n > 1 for n in _pieces(kept.ids, 2).values())
+        total += len(kept)
+    print(f"multi-piece nuclei: {before}/{total} before, {after} after")
+    assert total > 100 and before > 10 and after == 0 and after8 == 0

@@ -155,6 +155,7 @@ UNSEEN_IN_THE_TRACED_RUN = {
     },
     "tune": {
         "predict.label_score_threshold": "stored as it is only with tune.enabled: false",
+        "predict.class_score_thresholds": "stored as it is only with tune.enabled: false",
         "postproc.recover_class": "read only for a recovered cell with no detection to vote on its class",
     },
     "evaluate": {"postproc.recover_class": "read only for a recovered cell with no detection to vote"},

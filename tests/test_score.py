@@ -238,3 +238,30 @@ def test_consep_truth_scored_against_itself_is_perfect(tmp_path: Path) -> None:
     m = score_results(results, CONSEP / "test_truth", mapping).metrics
     for key in ("ap50_at_100", "pq", "dq", "sq", "mpq_plus", "aji", "aji_plus", "dice2", "f1"):
         assert m[key] == pytest.approx(1.0), key
+
+
+def test_thresholds_file_gives_per_class_label_score_thresholds(truth: dict, capsys) -> None:
+    """With the tune stage's file: class 2 at 0.2 (both nuclei of a kept, the .8 FP on b too) -> PQ 0.5, as
+    --score-threshold 0.2; a file without the per-class entry uses its global threshold."""
+    results = truth["tmp"] / "results.json"
+    results.write_text(json.dumps(_results(truth)))
+    thresholds = truth["tmp"] / "thresholds.json"
+    args = [str(results), str(truth["dir"]), str(truth["mapping"])]
+    thresholds.write_text(
+        json.dumps(
+            {
+                "tuned": True,
+                "label_score_threshold": 0.5,
+                "mask_threshold": 0.5,
+                "label_score_threshold_per_class": {"1": 0.5, "2": 0.2, "3": 0.5, "4": 0.5},
+            }
+        )
+    )
+    main([*args, "--json", "--thresholds", str(thresholds)])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["pq"] == pytest.approx(0.5) and printed["score_threshold"] == [0.5, 0.2, 0.5, 0.5]
+    main([*args, "--thresholds", str(thresholds)])
+    assert "score >= per class 0.5/0.2/0.5/0.5" in capsys.readouterr().out
+    thresholds.write_text(json.dumps({"tuned": True, "label_score_threshold": 0.5, "mask_threshold": 0.5}))
+    main([*args, "--json", "--thresholds", str(thresholds)])
+    assert json.loads(capsys.readouterr().out)["pq"] == pytest.approx(1 / 3)

@@ -71,7 +71,9 @@ def test_without_tuning_the_params_values_are_stored(tmp_path: Path) -> None:
     params = tiny_params(tune__enabled=False, predict__label_score_threshold=0.42)
     stored = tune_thresholds(LowScoreOracle(), [], params.predict, params.tune, torch.device("cpu"))
     assert stored == {
-        "tuned": False, "label_score_threshold": 0.42, "mask_threshold": params.predict.mask_threshold
+        "tuned": False,
+        "label_score_threshold": 0.42,
+        "mask_threshold": params.predict.mask_threshold,
     }
 
 
@@ -156,10 +158,7 @@ def test_with_a_step_on_and_heads_the_peak_threshold_is_tuned(tmp_path: Path) ->
         (row["mask_threshold"], row["peak_threshold"], row["label_score_threshold"]) for row in tuned["tried"]
     ]
     assert sorted(combos) == sorted(
-        (m, p, s)
-        for m in tune.mask_grid
-        for p in tune.peak_grid
-        for s in tune.score_grid
+        (m, p, s) for m in tune.mask_grid for p in tune.peak_grid for s in tune.score_grid
     )
     pq = {
         (r["mask_threshold"], r["peak_threshold"], r["label_score_threshold"]): r["pq"]
@@ -278,3 +277,87 @@ def test_every_stage_uses_the_stored_peak_threshold(tmp_path: Path, monkeypatch,
         stage.main(["best.pt", "in", "out", "--thresholds", "thresholds.json"])
     assert got["postproc"].peak_threshold == 0.2
     assert got["postproc"].recover_threshold == pytest.approx(0.24)
+
+
+# ------------------------------------------------------------------------------------ per-class thresholds
+def _square(size: int, y: int, x: int) -> np.ndarray:
+    mask = np.zeros((size, size), bool)
+    mask[y : y + 6, x : x + 6] = True
+    return mask
+
+
+def _instances(size: int, entries: list[tuple[int, np.ndarray, float]]):
+    from cellseg.instances import Instances
+
+    return Instances(
+        size,
+        size,
+        np.asarray([c for c, _, _ in entries], np.int64),
+        np.asarray([s for _, _, s in entries], np.float32),
+        np.zeros((len(entries), 2), np.int64),
+        [m for _, m, _ in entries],
+    )
+
+
+def test_per_class_tuning_by_hand() -> None:
+    """Class 1 (rare) scores 0.15, class 2 0.9 with a false positive at 0.45, no class 3 or 4 in validation:
+    at the global 0.5 class 1 is never found; per class it gets 0.1, class 2 keeps the global 0.5 (lower values
+    admit the false positive), classes 3 and 4 keep the global one."""
+    from cellseg.eval.tune import tune_per_class
+
+    size = 40
+    a, b, c, fp = _square(size, 2, 2), _square(size, 2, 20), _square(size, 20, 2), _square(size, 20, 20)
+    truth = _instances(size, [(1, a, 1.0), (2, b, 1.0), (2, c, 1.0)])
+    pred = _instances(size, [(1, a, 0.15), (2, b, 0.9), (2, c, 0.9), (2, fp, 0.45)])
+    params = tiny_params(tune__class_score_grid=[0.1, 0.3, 0.5])
+    out = tune_per_class(["t"], [truth], [pred], 0.5, params.predict, params.tune)
+    assert out["label_score_threshold_per_class"] == {"1": 0.1, "2": 0.5, "3": 0.5, "4": 0.5}
+    assert out["val_mpq_plus_global"] == pytest.approx(0.5)  # class 2 perfect, class 1 PQ 0
+    assert out["val_mpq_plus"] == pytest.approx(1.0) and out["val_pq"] == pytest.approx(1.0)
+    assert {row["class"] for row in out["class_tried"]} == {1, 2}  # only classes with validation instances
+
+
+def test_tuning_stores_per_class_thresholds_and_an_empty_grid_turns_them_off(tmp_path: Path) -> None:
+    files = _val_split(tmp_path / "val")
+    params = tiny_params(tune__score_grid=[0.3, 0.45, 0.95], tune__mask_grid=[0.5], predict__tile_size=1024)
+    tuned = tune_thresholds(LowScoreOracle(), files, params.predict, params.tune, torch.device("cpu"))
+    per_class = tuned["label_score_threshold_per_class"]
+    assert set(per_class) == {"1", "2", "3", "4"} and per_class["2"] >= 0.45  # the false positive is class 2
+    assert tuned["val_pq"] >= tuned["val_pq_global"]
+    off = tiny_params(tune__score_grid=[0.3, 0.45, 0.95], tune__mask_grid=[0.5], tune__class_score_grid=[])
+    assert "label_score_threshold_per_class" not in tune_thresholds(
+        LowScoreOracle(), files, off.predict, off.tune, torch.device("cpu")
+    )
+
+
+def test_stages_read_per_class_thresholds_and_old_files_keep_the_params(tmp_path: Path) -> None:
+    params = tiny_params().predict
+    path = tmp_path / "thresholds.json"
+    write_json(path, {**untuned(params), "label_score_threshold_per_class": {"1": 0.1, "3": 0.6}})
+    tuned = tuned_predict_params(params, path)
+    g = params.label_score_threshold
+    assert tuned.class_score_thresholds == [0.1, g, 0.6, g]  # a class not named keeps the global one
+    assert tuned.label_thresholds == (0.1, g, 0.6, g)
+    write_json(path, untuned(params))  # written before per-class tuning
+    assert tuned_predict_params(params, path).label_thresholds == g
+    own = tiny_params(predict__class_score_thresholds=[0.2, 0.3, 0.4, 0.5]).predict
+    assert tuned_predict_params(own, path).class_score_thresholds == [0.2, 0.3, 0.4, 0.5]
+    assert untuned(own)["label_score_threshold_per_class"] == {"1": 0.2, "2": 0.3, "3": 0.4, "4": 0.5}
+    for bad in ({"5": 0.1}, {"1": 1.5}, [0.1]):
+        write_json(path, {**untuned(params), "label_score_threshold_per_class": bad})
+        with pytest.raises(DataFormatError, match="thresholds"):
+            tuned_predict_params(params, path)
+
+
+def test_label_maps_apply_per_class_thresholds() -> None:
+    from cellseg.eval.nuclei_metrics import label_map
+    from cellseg.infer.folder import label_maps
+
+    size = 40
+    pred = _instances(size, [(1, _square(size, 2, 2), 0.15), (2, _square(size, 2, 20), 0.4)])
+    assert len(label_map(pred, 0.3)) == 1
+    assert label_map(pred, (0.1, 0.5, 0.5, 0.5)).classes.tolist() == [1]
+    params = tiny_params(predict__class_score_thresholds=[0.1, 0.3, 0.5, 0.5], predict__min_kept_fraction=0.0)
+    assert sorted(label_maps(pred, params.predict)) == [1, 2]
+    with pytest.raises(ValueError, match="4 values"):
+        label_map(pred, (0.1, 0.2))

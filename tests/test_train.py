@@ -179,3 +179,42 @@ def test_distributed_training_with_two_cpu_processes(tiny_project: dict, tmp_pat
     assert not any(
         k.startswith("module.") for k in state["model"]
     )  # the bare model is saved, not the DDP wrapper
+
+
+def test_autocast_dtype_on_cpu_and_cuda(monkeypatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(train_module, "cpu_supports_bf16", lambda: True)
+    assert train_module.autocast_dtype("bf16", cpu) == torch.bfloat16
+    assert train_module.autocast_dtype("fp16", cpu) is None  # the yaml default: a CPU demo stays fp32
+    assert train_module.autocast_dtype("fp32", cpu) is None
+    assert train_module.autocast_dtype("fp16", cuda) == torch.float16
+    assert train_module.autocast_dtype("bf16", cuda) == torch.bfloat16
+    assert train_module.autocast_dtype("bf16", torch.device("mps")) is None
+    monkeypatch.setattr(train_module, "cpu_supports_bf16", lambda: False)
+    assert train_module.autocast_dtype("bf16", cpu) is None  # emulated bf16 would be slower
+
+
+def test_bf16_on_a_cpu_keeps_fp32_weights_and_resumes_in_fp32(
+    tiny_project: dict, tmp_path: Path, monkeypatch
+) -> None:
+    """train.precision=bf16 on a CPU: autocast in bf16 (forced here on any CPU), fp32 master weights in the
+    checkpoint, no loss scale; the run then resumes at fp32."""
+    monkeypatch.setattr(train_module, "cpu_supports_bf16", lambda: True)
+    seen = []
+    real_autocast = torch.autocast
+
+    def spy(device_type, dtype=None, enabled=True, **kwargs):
+        seen.append((device_type, dtype, enabled))
+        return real_autocast(device_type, dtype=dtype, enabled=enabled, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", spy)
+    paths = _paths(tiny_project, tmp_path)
+    small = {"train__crop_size": 64, "train__train_eval_images": 0, "train__eval_every": 5}
+    train(tiny_params(train__epochs=1, train__precision="bf16", **small), paths)
+    assert ("cpu", torch.bfloat16, True) in seen
+    state = load_checkpoint(paths.models / LAST)
+    assert not state["scaler"]
+    weights = [v for v in state["model"].values() if v.is_floating_point()]
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights)
+    train(tiny_params(train__epochs=2, train__resume=True, train__precision="fp32", **small), paths)
+    assert load_checkpoint(paths.models / LAST)["epoch"] == 1

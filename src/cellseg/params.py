@@ -295,7 +295,7 @@ class TrainParams(_Section):
 
 @dataclass(frozen=True)
 class PredictParams(_Section):
-    """Inference and post-processing, shared by evaluation, submission and ``stages/predict.py``."""
+    """Inference and post-processing, shared by evaluation, submission and ``cellseg predict``."""
 
     score_threshold: float
     mask_threshold: float
@@ -306,6 +306,7 @@ class PredictParams(_Section):
     resolve_overlaps: bool
     tta_views: int
     label_score_threshold: float
+    class_score_thresholds: list[float]
     min_kept_fraction: float
     device: str
 
@@ -320,8 +321,20 @@ class PredictParams(_Section):
         _check(self.batch_size >= 1, "predict.batch_size must be >= 1")
         _check(self.tta_views in (1, 2, 4), "predict.tta_views must be 1 (off), 2 or 4 (flips)")
         _check(0.0 <= self.label_score_threshold < 1.0, "predict.label_score_threshold must be in [0, 1)")
+        _check(
+            len(self.class_score_thresholds) in (0, NUM_CLASSES)
+            and all(0.0 <= v < 1.0 for v in self.class_score_thresholds),
+            f"predict.class_score_thresholds must be [] or {NUM_CLASSES} values in [0, 1) (class 1 first)",
+        )
         _check(0.0 <= self.min_kept_fraction <= 1.0, "predict.min_kept_fraction must be in [0, 1]")
         _check(self.device in DEVICES, f"predict.device must be one of {', '.join(DEVICES)}")
+
+    @property
+    def label_thresholds(self) -> float | tuple[float, ...]:
+        """What label maps keep: ``class_score_thresholds`` (one per class) where given, else
+        ``label_score_threshold`` for every class (:func:`cellseg.eval.nuclei_metrics.label_map`)."""
+        per_class = self.class_score_thresholds
+        return tuple(per_class) if per_class else self.label_score_threshold
 
 
 @dataclass(frozen=True)
@@ -383,13 +396,14 @@ class TuneParams(_Section):
 
     enabled: bool
     score_grid: list[float]
+    class_score_grid: list[float]
     mask_grid: list[float]
     peak_grid: list[float]
 
     def __post_init__(self) -> None:
-        for key in ("score_grid", "mask_grid", "peak_grid"):
+        for key in ("score_grid", "class_score_grid", "mask_grid", "peak_grid"):
             grid = getattr(self, key)
-            _check(len(grid) >= 1, f"tune.{key} needs at least one value")
+            _check(len(grid) >= 1 or key == "class_score_grid", f"tune.{key} needs at least one value")
             _check(all(0.0 < v < 1.0 for v in grid), f"tune.{key} values must be in (0, 1)")
 
 

@@ -8,7 +8,8 @@ The stage (:func:`evaluate_checkpoint`) writes, all or nothing:
 - ``<metrics>``: the flat metrics of :func:`cellseg.eval.coco_metrics.evaluate`, the nuclei metrics of
   :mod:`cellseg.eval.nuclei_metrics` (``pq``, ``dq``, ``sq``, ``mpq_plus``, ``aji``, ``aji_plus``, ``dice2``,
   ``precision``, ``recall``, ``f1``, ``pq_class<k>``, ``f1_class<k>``, on label maps at
-  ``predict.label_score_threshold`` as tuned, recorded as ``pq_score_threshold``) plus ``checkpoint_epoch``;
+  ``predict.label_score_threshold`` as tuned, recorded as ``pq_score_threshold``, and the per-class ones as
+  ``pq_score_threshold_class<k>`` when tuned per class) plus ``checkpoint_epoch``;
 - ``<per_image>``: one CSV row per sample (name, n_true, n_pred, pq, dq, sq, aji, aji_plus, dice2, precision,
   recall, f1);
 - ``<plots>/pr/class<k>.csv``, ``<plots>/confusion.csv`` (rendered by ``dvc plots``) and
@@ -108,6 +109,10 @@ def write_evaluation(
         **scored.metrics,
         **nuclei.metrics,
         "pq_score_threshold": params.predict.label_score_threshold,
+        **{
+            f"pq_score_threshold_class{k}": value
+            for k, value in enumerate(params.predict.class_score_thresholds, start=1)
+        },
         "mask_threshold": params.predict.mask_threshold,
         **(extra or {}),
     }

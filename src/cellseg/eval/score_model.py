@@ -67,11 +67,11 @@ def score_predictions(
 
 def nuclei_scores(scored: ScoredSplit, params: PredictParams) -> SplitScores:
     """PQ, mPQ⁺, AJI, DICE2, F1 … of a scored split (:mod:`cellseg.eval.nuclei_metrics`), on label maps at
-    ``params.label_score_threshold`` (the tuned one, where the caller applied ``models/thresholds.json``)."""
+    ``params.label_thresholds`` (the tuned ones, where the caller applied ``models/thresholds.json``)."""
     return score_split(
         scored.names,
         scored.ground_truth,
         scored.predictions,
-        params.label_score_threshold,
+        params.label_thresholds,
         params.min_kept_fraction,
     )

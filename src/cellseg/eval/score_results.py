@@ -8,7 +8,8 @@ without extension); a missing folder or class file means no nucleus. MAPPING_JSO
 
 Figures: COCO mask AP (:func:`cellseg.eval.coco_metrics.evaluate`: AP50 and AP at the leaderboard's 100 detections per
 image and class) and the nuclei metrics of :mod:`cellseg.eval.nuclei_metrics` on label maps made from the results
-scoring at least ``--score-threshold``.
+scoring at least ``--score-threshold``, or, with ``--thresholds models/thresholds.json``, at least the tune stage's
+label-score threshold of their class (per class where the file has them, as ``evaluate`` applies them).
 """
 
 from __future__ import annotations
@@ -227,7 +228,7 @@ def score_results(
     results: str | Path,
     truth_dir: str | Path,
     mapping: str | Path,
-    score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+    score_threshold: float | tuple[float, ...] = DEFAULT_SCORE_THRESHOLD,
     min_kept_fraction: float = DEFAULT_MIN_KEPT_FRACTION,
 ) -> Report:
     """Read, check and score ``results`` against ``truth_dir`` (see the module docstring)."""
@@ -245,7 +246,7 @@ def score_results(
         "ap50_at_100": coco["map_50_at_100"],
         "ap": coco["map_at_100"],
         **nuclei.metrics,
-        "score_threshold": score_threshold,
+        "score_threshold": list(score_threshold) if isinstance(score_threshold, tuple) else score_threshold,
         "min_kept_fraction": min_kept_fraction,
         "n_images": len(entries),
         "n_images_without_truth_folder": len(missing),
@@ -268,6 +269,26 @@ _CLASS_FIGURES = ("pq", "dq", "sq", "precision", "recall", "f1", "aji", "aji_plu
 """Per class, every count pooled over the split (mPQ⁺'s way): AJI and DICE2 are then Σ inter / Σ union etc."""
 
 
+def _thresholds_text(value) -> str:
+    return (
+        f"{value:g}" if isinstance(value, int | float) else "per class " + "/".join(f"{v:g}" for v in value)
+    )
+
+
+def thresholds_from_file(path: Path) -> float | tuple[float, ...]:
+    """The label-score threshold(s) a tune stage's ``thresholds.json`` gives label maps."""
+    from cellseg.infer.thresholds import PER_CLASS_KEY, _per_class, _read_thresholds
+
+    stored = _read_thresholds(path)
+    try:
+        value = float(stored["label_score_threshold"])
+        if PER_CLASS_KEY in stored:
+            return tuple(_per_class(stored[PER_CLASS_KEY], value))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ResultsError(f"{path}: not a thresholds file ({err})") from None
+    return value
+
+
 def format_table(metrics: dict) -> str:
     """A readable table: one row per class (pooled over the split: mPQ⁺'s terms) and the split's figures."""
 
@@ -278,7 +299,7 @@ def format_table(metrics: dict) -> str:
     lines = [
         f"{metrics['n_images']} images ({metrics['n_images_without_truth_folder']} without truth folder), "
         f"{metrics['n_true']} true nuclei, {metrics['n_pred']} predictions; "
-        f"label maps at score >= {metrics['score_threshold']:g}",
+        f"label maps at score >= {_thresholds_text(metrics['score_threshold'])}",
         header,
     ]
     for name, c in metrics["per_class"].items():
@@ -322,6 +343,13 @@ def main(argv: list[str] | None = None, prog: str = "cellseg score") -> None:
         help=f"results below it are left out of the label maps of PQ, AJI, F1 (default {DEFAULT_SCORE_THRESHOLD})",
     )
     parser.add_argument(
+        "--thresholds",
+        type=Path,
+        metavar="JSON",
+        help="the tune stage's models/thresholds.json: its label-score threshold(s), per class where tuned "
+        "per class, instead of --score-threshold",
+    )
+    parser.add_argument(
         "--min-kept-fraction",
         type=float,
         default=DEFAULT_MIN_KEPT_FRACTION,
@@ -335,9 +363,8 @@ def main(argv: list[str] | None = None, prog: str = "cellseg score") -> None:
     args = parser.parse_args(argv)
     if not 0.0 <= args.min_kept_fraction <= 1.0:
         raise ResultsError(f"--min-kept-fraction must be within [0, 1], got {args.min_kept_fraction}")
-    report = score_results(
-        args.results, args.truth_dir, args.mapping, args.score_threshold, args.min_kept_fraction
-    )
+    threshold = thresholds_from_file(args.thresholds) if args.thresholds else args.score_threshold
+    report = score_results(args.results, args.truth_dir, args.mapping, threshold, args.min_kept_fraction)
     if args.per_image:
         write_per_image(args.per_image, report.nuclei)
     print(json.dumps(report.metrics, indent=1) if args.json else format_table(report.metrics))

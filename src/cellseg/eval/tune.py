@@ -21,6 +21,17 @@ mask threshold; only the cheap steps rerun) and the best (score, mask, peak) tri
 - ``peak_threshold`` applies to the map-guided steps, and ``postproc.recover_threshold`` keeps its ratio to it
   (:meth:`cellseg.params.PostprocParams.at_peak_threshold`).
 
+**Per-class label-score thresholds** (``tune.class_score_grid``, CoNIC entries do the same): a rare class
+scores lower than the common ones, so one threshold for all can leave it without any detection (class 1,
+"other", on consep-dev). After the global choice, on the predictions of the chosen mask (and peak) threshold,
+each class with at least one validation instance gets the value of ``tune.class_score_grid`` that maximises
+its own PQ (``pq_class<k>``, pooled over the split as mPQ⁺ does) while the other classes stay at the global
+threshold; a tie keeps the global threshold, then the lower value. A class without validation instance keeps
+the global one. The choice is stored as ``label_score_threshold_per_class`` together with the validation
+PQ and mPQ⁺ at the global threshold and at the per-class ones (``val_pq_global``, ``val_mpq_plus_global``,
+``val_pq``, ``val_mpq_plus``). Every label map (``evaluate``, ``cellseg predict``, the training curves of a
+later resume) applies it through ``predict.class_score_thresholds``; COCO results are unaffected.
+
 With ``tune.enabled: false`` the file holds the params' own values, and without a step on or without
 heads its ``peak_threshold`` is the params' own, so the pipeline has one path. A file without
 ``peak_threshold`` (written before it was tuned) keeps the params' peak and recovery thresholds.
@@ -33,12 +44,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from cellseg import NUM_CLASSES
 from cellseg.eval.nuclei_metrics import score_split
 from cellseg.eval.score_model import load_labelled
 from cellseg.infer.detect import detect_image, postprocess
 from cellseg.infer.postproc import refine
 from cellseg.infer.predict import predict_image
-from cellseg.infer.thresholds import PEAK_KEY, TUNED_KEYS, untuned
+from cellseg.infer.thresholds import PEAK_KEY, PER_CLASS_KEY, TUNED_KEYS, per_class_entry, untuned
 from cellseg.instances import Instances
 from cellseg.model.maskrcnn import CellMaskRCNN
 from cellseg.params import PostprocParams, PredictParams, TuneParams, replace
@@ -47,10 +59,7 @@ from cellseg.params import PostprocParams, PredictParams, TuneParams, replace
 def tunes_peaks(model: CellMaskRCNN, tune: TuneParams, postproc: PostprocParams | None) -> bool:
     """Whether :func:`tune_thresholds` tries ``tune.peak_grid``: tuning, a step on, a model with heads."""
     return (
-        tune.enabled
-        and postproc is not None
-        and postproc.any_step
-        and bool(getattr(model, "has_aux", False))
+        tune.enabled and postproc is not None and postproc.any_step and bool(getattr(model, "has_aux", False))
     )
 
 
@@ -75,8 +84,10 @@ def tune_thresholds(
     names = [path.stem for path in files]
     truths = [gt for _, gt in samples]
     tried = []
+    kept: dict[tuple[float, float | None], list[Instances]] = {}  # each (mask, peak)'s predictions
 
     def score_all(predictions: list[Instances], mask_threshold: float, peak: float | None) -> None:
+        kept[(mask_threshold, peak)] = predictions
         for score_threshold in tune.score_grid:
             metrics = score_split(
                 names, truths, predictions, score_threshold, params.min_kept_fraction
@@ -102,10 +113,53 @@ def tune_thresholds(
                 [postprocess(refine(inst, maps, steps), run) for inst, maps in found], mask_threshold, peak
             )
     best = max(tried, key=lambda row: row["pq"])  # max keeps the first of equal rows
-    return {
+    out = {
         "tuned": True,
         **{key: best[key] for key in (*TUNED_KEYS, PEAK_KEY) if key in best},
         "val_pq": best["pq"],
         "val_images": len(files),
         "tried": tried,
+    }
+    if tune.class_score_grid:
+        predictions = kept[(best["mask_threshold"], best.get(PEAK_KEY))]
+        out.update(tune_per_class(names, truths, predictions, best["label_score_threshold"], params, tune))
+    return out
+
+
+def tune_per_class(
+    names: list[str],
+    truths: list[Instances],
+    predictions: list[Instances],
+    global_threshold: float,
+    params: PredictParams,
+    tune: TuneParams,
+) -> dict:
+    """Per-class label-score thresholds (the rule in the module docstring) and the validation figures at the
+    global and at the per-class thresholds."""
+
+    def metrics(thresholds: list[float]) -> dict:
+        return score_split(names, truths, predictions, thresholds, params.min_kept_fraction).metrics
+
+    present = {k for k in range(1, NUM_CLASSES + 1) if any((gt.labels == k).any() for gt in truths)}
+    chosen = [global_threshold] * NUM_CLASSES
+    at_global = metrics(chosen)
+    class_tried = []
+    for k in sorted(present):
+        best_value, best_pq = global_threshold, at_global[f"pq_class{k}"]
+        for value in sorted(tune.class_score_grid):
+            trial = [global_threshold] * NUM_CLASSES  # the other classes at the global threshold
+            trial[k - 1] = value
+            pq = metrics(trial)[f"pq_class{k}"]
+            class_tried.append({"class": k, "label_score_threshold": value, "pq_class": pq})
+            if pq > best_pq:
+                best_value, best_pq = value, pq
+        chosen[k - 1] = best_value
+    final = metrics(chosen)
+    return {
+        PER_CLASS_KEY: per_class_entry(chosen),
+        "val_pq": final["pq"],
+        "val_mpq_plus": final["mpq_plus"],
+        "val_pq_global": at_global["pq"],
+        "val_mpq_plus_global": at_global["mpq_plus"],
+        "class_tried": class_tried,
     }

@@ -89,11 +89,11 @@ def label_maps(inst: Instances, params: PredictParams) -> dict[int, np.ndarray]:
     """Per class present, a float64 ``H×W`` label image; ids run across classes, by class then by score.
 
     One nucleus per pixel across all classes, by the project's one rule (:func:`cellseg.eval.nuclei_metrics.label_map`:
-    detections below ``label_score_threshold`` dropped, each pixel to the highest-scoring instance, an instance
+    detections below their class's label-score threshold dropped, each pixel to the highest-scoring instance, an instance
     keeping less than ``min_kept_fraction`` of its mask dropped), so overlapping detections never leave
     fragments and the files hold exactly the nuclei that the PQ figures score.
     """
-    nuclei = label_map(inst, params.label_score_threshold, params.min_kept_fraction)
+    nuclei = label_map(inst, params.label_thresholds, params.min_kept_fraction)
     by_class = np.argsort(
         nuclei.classes, kind="stable"
     )  # label_map numbers by score: stable keeps that order
@@ -211,8 +211,10 @@ def main(argv: list[str] | None = None, prog: str = "cellseg predict") -> None:
     predict = tuned_predict_params(params.predict, thresholds)
     postproc = tuned_postproc_params(params.postproc, thresholds)
     peaks = f", centre peaks > {postproc.peak_threshold}" if postproc.any_step else ""
+    per_class = predict.class_score_thresholds
+    scores = f"per class {per_class}" if per_class else str(predict.label_score_threshold)
     print(
-        f"thresholds: score >= {predict.label_score_threshold}, mask > {predict.mask_threshold}{peaks} "
+        f"thresholds: score >= {scores}, mask > {predict.mask_threshold}{peaks} "
         f"({thresholds or 'params.yaml'})"
     )
     record = {

@@ -1,5 +1,9 @@
 """The tune stage's ``thresholds.json``: written by :mod:`cellseg.eval.tune`, applied to the params here.
 
+``label_score_threshold_per_class`` (``{"1": t1, ..., "4": t4}``) becomes ``predict.class_score_thresholds``,
+which every label map then applies (a class the entry does not name keeps ``label_score_threshold``); a file
+without the entry, written before per-class tuning, keeps the params' own ``class_score_thresholds``.
+
 Every entry point that makes hard outputs (``evaluate``, ``submit``, ``cellseg predict``) reads the file through
 :func:`tuned_predict_params` and :func:`tuned_postproc_params`; apart from the tuning, so that applying the
 thresholds does not depend on the scoring code.
@@ -10,20 +14,42 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cellseg import NUM_CLASSES
 from cellseg.data.io import DataFormatError
 from cellseg.params import PostprocParams, PredictParams, replace
 
 THRESHOLDS_FILE = "thresholds.json"
 TUNED_KEYS = ("label_score_threshold", "mask_threshold")
 PEAK_KEY = "peak_threshold"  # postproc.peak_threshold: stored always, tuned only with a step on and heads
+PER_CLASS_KEY = "label_score_threshold_per_class"  # {"1": t1, ..., "4": t4}: predict.class_score_thresholds
 
 
 def untuned(params: PredictParams, postproc: PostprocParams | None = None) -> dict:
     """The thresholds file of a run that does not tune: the params' own values."""
     stored = {"tuned": False, **{key: getattr(params, key) for key in TUNED_KEYS}}
+    if params.class_score_thresholds:
+        stored[PER_CLASS_KEY] = per_class_entry(params.class_score_thresholds)
     if postproc is not None:
         stored[PEAK_KEY] = postproc.peak_threshold
     return stored
+
+
+def per_class_entry(thresholds: list[float] | tuple[float, ...]) -> dict[str, float]:
+    """The file's per-class entry: class ids (as strings, JSON keys) to thresholds."""
+    return {str(k): float(t) for k, t in enumerate(thresholds, start=1)}
+
+
+def _per_class(stored: object, default: float) -> list[float]:
+    """``predict.class_score_thresholds`` from the file's entry; a class it does not name keeps ``default``."""
+    if not isinstance(stored, dict):
+        raise ValueError(f"{PER_CLASS_KEY} is a {type(stored).__name__}, not a mapping")
+    values = [default] * NUM_CLASSES
+    for key, value in stored.items():
+        k = int(key)
+        if not 1 <= k <= NUM_CLASSES or not 0.0 <= float(value) < 1.0:
+            raise ValueError(f"{PER_CLASS_KEY}: class {key!r} threshold {value!r}")
+        values[k - 1] = float(value)
+    return values
 
 
 def _read_thresholds(path: Path) -> dict:
@@ -50,6 +76,10 @@ def tuned_predict_params(params: PredictParams, thresholds_path: str | Path | No
     stored = _read_thresholds(path)
     try:
         values = {key: float(stored[key]) for key in TUNED_KEYS}
+        if PER_CLASS_KEY in stored:  # a file written before per-class tuning keeps the params' own
+            values["class_score_thresholds"] = _per_class(
+                stored[PER_CLASS_KEY], values["label_score_threshold"]
+            )
     except (KeyError, TypeError, ValueError) as err:
         raise _not_a_thresholds_file(path, err) from None
     return replace(params, **values)
