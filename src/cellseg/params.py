@@ -352,6 +352,7 @@ TABLE_FORMATS = ("csv", "parquet")
 class SlideParams:
     """Whole-slide inference (``cellseg slide``, the ``slides`` stage): blocks, tissue detection, outputs."""
 
+    input_dir: str
     block_tiles: int
     tissue_max_side: int
     tissue_min_saturation: int

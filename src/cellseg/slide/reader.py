@@ -16,9 +16,12 @@ cannot be read (truncated or corrupt file, unsupported compression).
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +84,8 @@ class Slide:
                 f"region {(y0, x0, height, width)} outside level {level} ({lv.height}×{lv.width})"
             )
         try:
-            region = np.asarray(self._arrays[level][y0 : y0 + height, x0 : x0 + width])
+            with _quiet("tifffile"):
+                region = np.asarray(self._arrays[level][y0 : y0 + height, x0 : x0 + width])
         except Exception as err:  # codec errors, truncated files: anything the decoder raises
             raise SlideError(
                 f"{self.path}: level {level} cannot be read at y={y0}, x={x0} "
@@ -170,7 +174,9 @@ def _open_tiff(path: Path, mpp: float | None) -> Slide:
     import zarr
 
     try:
-        tif = tifffile.TiffFile(path)
+        with _quiet("tifffile"):  # a damaged file's warnings: the SlideError below says it in one line
+            tif = tifffile.TiffFile(path)
+            tif.series  # noqa: B018 (parsed here, under the quiet logger)
     except Exception as err:
         raise SlideError(
             f"{path}: not a slide (tifffile cannot open it: {type(err).__name__}: {err})"
@@ -213,6 +219,17 @@ def _open_tiff(path: Path, mpp: float | None) -> Slide:
         tif.close()
         raise SlideError(f"{path}: not a readable slide ({type(err).__name__}: {err})") from None
     return Slide(path, levels, float(mpp), arrays, handle=tif)
+
+
+@contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @functools.lru_cache(maxsize=4)

@@ -153,6 +153,9 @@ class SlideSummary:
     seconds: float
     level: int
     level_mpp: float
+    work: Path | None = None
+    job: SlideJob | None = None
+    blocks_done: list[Block] | None = None
 
     def line(self) -> str:
         total = sum(self.counts.values())
@@ -256,9 +259,11 @@ def run_slide(
     client=None,
     progress: bool = True,
     stop_after: int | None = None,
+    keep_work: bool = False,
 ) -> SlideSummary:
     """Predict one slide into ``out_dir/<stem>/``. ``client``: an open Dask client to reuse (several slides);
-    ``stop_after``: stop (raise KeyboardInterrupt) after that many new blocks, as an interrupt would (tests)."""
+    ``stop_after``: stop (raise KeyboardInterrupt) after that many new blocks, as an interrupt would (tests);
+    ``keep_work``: keep the block files (``summary.work``, for :func:`slide_instances`: benchmarks)."""
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -329,7 +334,8 @@ def run_slide(
 
     with atomic_dir(out_dir / stem) as tmp:
         counts = _assemble(tmp, stem, work, tissue_blocks, job, scale, slide_mpp, overview, settings)
-    shutil.rmtree(work, ignore_errors=True)
+    if not keep_work:
+        shutil.rmtree(work, ignore_errors=True)
     return SlideSummary(
         stem,
         out_dir / stem,
@@ -383,6 +389,24 @@ def _run_on_dask(client, job: SlideJob, pending: list[Block], finished, retries:
             future.cancel()
 
 
+def slide_instances(work: Path, blocks: list[Block], job: SlideJob) -> Iterator[Instances]:
+    """The slide's nuclei in model pixels, chunk by chunk: each block's interior nuclei, then the merged seam
+    nuclei (every chunk's offsets are slide coordinates)."""
+    threshold = keep_threshold(job.predict)
+    seam_parts = []
+    for block in blocks:
+        with np.load(work / "blocks" / f"{block.name}.npz") as arrays:
+            w = block.window
+            interior = unpack(arrays, "interior_", w.height, w.width)
+            seam_parts.append(unpack(arrays, "seam_", w.height, w.width))
+        interior.offsets = interior.offsets + np.array([w.y0, w.x0])
+        interior.height, interior.width = job.height, job.width
+        yield interior
+    if blocks:
+        merged = resolve_seams(seam_parts, blocks, job.height, job.width)
+        yield merged.select(merged.scores >= threshold)
+
+
 def _assemble(
     folder: Path,
     stem: str,
@@ -395,37 +419,24 @@ def _assemble(
     settings: SlideParams,
 ) -> dict[str, int]:
     """Stream every nucleus into the exports: interior nuclei block by block, then the merged seam nuclei."""
-    threshold = keep_threshold(job.predict)
     writers = Writers(folder, stem, mpp, settings.gzip_geojson, settings.table_format)
     picture = overview.image.copy()
     next_id = 1
-
-    def emit(inst: Instances, dy: int, dx: int) -> None:
-        nonlocal next_id
-        for k in range(len(inst)):
-            crop = inst.crops[k]
-            pixels = int(crop.sum())
-            if not pixels:
-                continue
-            oy, ox = int(inst.offsets[k][0]) + dy, int(inst.offsets[k][1]) + dx
-            polygon = to_level0(crop, (oy, ox), scale)
-            nucleus = Nucleus(
-                next_id, int(inst.labels[k]), float(inst.scores[k]), polygon, pixels * scale * scale, pixels
-            )
-            writers.add(nucleus)
-            draw_outline(picture, polygon, nucleus.label, overview.scale_y, overview.scale_x)
-            next_id += 1
-
     try:
-        seam_parts = []
-        for block in blocks:
-            with np.load(work / "blocks" / f"{block.name}.npz") as arrays:
-                w = block.window
-                emit(unpack(arrays, "interior_", w.height, w.width), w.y0, w.x0)
-                seam_parts.append(unpack(arrays, "seam_", w.height, w.width))
-        if blocks:
-            merged = resolve_seams(seam_parts, blocks, job.height, job.width)
-            emit(merged.select(merged.scores >= threshold), 0, 0)
+        for inst in slide_instances(work, blocks, job):
+            for k in range(len(inst)):
+                crop = inst.crops[k]
+                pixels = int(crop.sum())
+                if not pixels:
+                    continue
+                offset = (int(inst.offsets[k][0]), int(inst.offsets[k][1]))
+                polygon = to_level0(crop, offset, scale)
+                label = int(inst.labels[k])
+                writers.add(
+                    Nucleus(next_id, label, float(inst.scores[k]), polygon, pixels * scale * scale, pixels)
+                )
+                draw_outline(picture, polygon, label, overview.scale_y, overview.scale_x)
+                next_id += 1
     finally:
         writers.close()
     write_picture(folder / "thumbnail.png", picture)

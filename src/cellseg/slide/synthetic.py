@@ -75,3 +75,24 @@ def _tiles(shape: tuple[int, int], tile: int, patches: list) -> Iterator[np.ndar
                         sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0
                     ]
             yield out
+
+
+def tissue_mosaic(side: int, n: int, seed: int = 7):
+    """An ``n × n`` mosaic of synthetic annotated images filling ``side`` px: ``(image, truth Instances)``."""
+    from cellseg.data.synth import ImageSpec, generate
+    from cellseg.instances import Instances
+
+    cell = side // n
+    image = np.zeros((side, side, 3), np.uint8)
+    labels = np.zeros((4, side, side), np.int32)
+    next_id = 0
+    for i in range(n):
+        for j in range(n):
+            pixels, rows = generate(
+                ImageSpec("train", f"m{i}{j}", cell, cell, cell * cell // 500, (seed, i * n + j))
+            )
+            image[i * cell : (i + 1) * cell, j * cell : (j + 1) * cell] = pixels
+            shifted = np.where(rows > 0, rows + next_id, 0)
+            labels[:, i * cell : (i + 1) * cell, j * cell : (j + 1) * cell] = shifted
+            next_id = max(next_id, int(shifted.max()))
+    return image, Instances.from_label_rows(labels)
