@@ -346,6 +346,9 @@ def run_slide(
         time.perf_counter() - start,
         level,
         level_mpp,
+        work if keep_work else None,
+        job,
+        tissue_blocks,
     )
 
 
