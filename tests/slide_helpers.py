@@ -64,17 +64,23 @@ def fake_detect(model, image, params, device="cpu"):
     )
 
 
+def fake_detect_batch(model, images, device, params):
+    return [fake_detect(model, image, params) for image in images]
+
+
 def use_fake_detector(monkeypatch) -> None:
     import cellseg.infer.detect
     import cellseg.slide.run
 
-    monkeypatch.setattr(cellseg.infer.detect, "detect_image", fake_detect)
+    monkeypatch.setattr(cellseg.infer.detect, "detect_batch", fake_detect_batch)
     monkeypatch.setattr(cellseg.slide.run, "_model", lambda checkpoint, device: None)
 
 
 def slide_settings(**changes):
     """params.yaml's predict and slide sections with small tiles (blocks of 2×2 tiles of 128 px)."""
     params = load_params(ROOT / "params.yaml")
-    predict = dataclasses.replace(params.predict, tile_size=128, tile_overlap=32, **changes.pop("predict", {}))
+    predict = dataclasses.replace(
+        params.predict, tile_size=128, tile_overlap=32, **changes.pop("predict", {})
+    )
     slide = dataclasses.replace(params.slide, block_tiles=2, tissue_max_side=256, **changes)
     return predict, slide

@@ -148,6 +148,8 @@ def test_blocks_without_tissue_are_skipped(tmp_path, monkeypatch) -> None:
     assert 0 < len(calls) < len(all_blocks) / 3
     assert all(b.window.y0 + b.window.height > 850 and b.window.x0 + b.window.width > 850 for b in calls)
     assert sum(summary.counts.values()) == n
+    predicted = sum(len(b.tiles) for b in calls)
+    assert predicted < sum(len(b.tile_windows(128, 32)) for b in calls)  # glass tiles of a tissue block: skipped
     assert summary.tissue_mm2 == pytest.approx(200 * 200 * 0.0625 / 1e6, rel=0.3)
 
 

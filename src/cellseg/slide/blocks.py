@@ -19,19 +19,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cellseg.infer.tiling import Window, cut_by_inner_edges, merge_tiles, tile_starts
+from cellseg.infer.tiling import Window, cut_by_inner_edges, merge_tiles, tile_starts, tile_windows
 from cellseg.instances import Instances
 
 
 @dataclass(frozen=True)
 class Block:
     """One block: its grid position, its window and its interior (the part no neighbour's window covers),
-    both in model pixels, ``(y0, x0, y1, x1)`` for the interior."""
+    both in model pixels, ``(y0, x0, y1, x1)`` for the interior, and which of its tiles hold tissue."""
 
     row: int
     col: int
     window: Window
     interior: tuple[int, int, int, int]
+    tiles: tuple[int, ...] | None = None  # the tiles (indices into :func:`block_tiles`) to predict; None: all
+
+    def tile_windows(self, tile: int, overlap: int) -> list[Window]:
+        """The block's tiles, window-local: exactly the slide grid's tiles that make up the block."""
+        return tile_windows(self.window.height, self.window.width, tile, overlap)
 
     @property
     def name(self) -> str:

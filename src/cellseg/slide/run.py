@@ -16,6 +16,7 @@ and the seam detections (those within a tile overlap of a block border, a few pe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -91,10 +92,15 @@ def keep_threshold(params: PredictParams) -> float:
 
 def predict_block(job: SlideJob, block: Block) -> dict[str, np.ndarray]:
     """One block's detections: the interior ones above the score threshold, and every seam one (the seam rules
-    need them all), as packed arrays (:func:`pack`) with window-local offsets."""
+    need them all), as packed arrays (:func:`pack`) with window-local offsets.
+
+    The block's tissue tiles (``block.tiles``) go through the model exactly as ``detect_image`` would send them
+    (same tiles, same batches) and are merged by ``merge_tiles``; tiles without tissue are not predicted.
+    """
     import torch
 
-    from cellseg.infer.detect import detect_image
+    from cellseg.infer.detect import detect_batch
+    from cellseg.infer.tiling import merge_tiles
 
     if job.threads > 0 and torch.get_num_threads() != job.threads:
         torch.set_num_threads(job.threads)
@@ -102,7 +108,13 @@ def predict_block(job: SlideJob, block: Block) -> dict[str, np.ndarray]:
     slide = open_slide_cached(job.slide, job.mpp)
     w = block.window
     image = read_window(slide, job.level, job.target_mpp, w.y0, w.x0, w.height, w.width)
-    inst, _ = detect_image(model, image, job.predict, job.device)
+    windows = block.tile_windows(job.predict.tile_size, job.predict.tile_overlap)
+    if block.tiles is not None:
+        windows = [windows[i] for i in block.tiles]
+    tiles = [image[t.y0 : t.y0 + t.height, t.x0 : t.x0 + t.width] for t in windows]
+    with torch.inference_mode():
+        found = detect_batch(model, tiles, torch.device(job.device), job.predict)
+    inst = merge_tiles([f[0] for f in found], windows, w.height, w.width)
     seam = seam_detections(inst, block, job.height, job.width)
     interior = ~seam & (inst.scores >= keep_threshold(job.predict))
     return {**pack(inst.select(interior), "interior_"), **pack(inst.select(seam), "seam_")}
@@ -283,14 +295,17 @@ def run_slide(
     scale = target_mpp / slide_mpp  # level-0 px per model px
     blocks = block_grid(height, width, predict.tile_size, predict.tile_overlap, settings.block_tiles)
 
-    def has_tissue(b: Block) -> bool:
-        w = b.window
-        fraction = overview.tissue_fraction(
-            w.y0 * scale, w.x0 * scale, (w.y0 + w.height) * scale, (w.x0 + w.width) * scale
-        )
-        return fraction > settings.min_tissue_fraction
+    def with_tissue_tiles(b: Block) -> Block:
+        """``b`` with the indices of its tiles that hold tissue."""
+        tiles = []
+        for i, t in enumerate(b.tile_windows(predict.tile_size, predict.tile_overlap)):
+            y0, x0 = (b.window.y0 + t.y0) * scale, (b.window.x0 + t.x0) * scale
+            fraction = overview.tissue_fraction(y0, x0, y0 + t.height * scale, x0 + t.width * scale)
+            if fraction > settings.min_tissue_fraction:
+                tiles.append(i)
+        return dataclasses.replace(b, tiles=tuple(tiles))
 
-    tissue_blocks = [b for b in blocks if has_tissue(b)]
+    tissue_blocks = [b for b in map(with_tissue_tiles, blocks) if b.tiles]
     tissue_mm2 = overview.tissue_area_um2(slide_mpp) / 1e6
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1)) if (scheduler or workers > 1) else 0
     job = SlideJob(
