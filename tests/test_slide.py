@@ -203,3 +203,22 @@ def test_a_rescaled_slide_maps_nuclei_back_to_level0(tmp_path, monkeypatch) -> N
     assert 100 <= min(xs) and max(xs) <= 700  # level-0 pixels, inside the pasted patch
     areas = [f["properties"]["measurements"]["area_um2"] for f in features]
     assert np.median(areas) == pytest.approx(np.pi * 36 * 0.0625, rel=0.25)
+
+
+def test_gzipped_geojson_and_parquet_table(tmp_path, monkeypatch) -> None:
+    import gzip
+
+    import pyarrow.parquet as pq
+
+    use_fake_detector(monkeypatch)
+    image, n = painted_tissue(300, 300, seed=4)
+    path = write_slide(tmp_path / "s.tif", 400, 400, 0.25, [(50, 50, image)], levels=1, tile=128)
+    predict, settings = slide_settings(gzip_geojson=True, table_format="parquet")
+    (tmp_path / "m.pt").write_bytes(b"x")
+    run_slide(path, tmp_path / "m.pt", tmp_path / "out", 0.25, predict, settings, progress=False)
+    with gzip.open(tmp_path / "out" / "s" / "nuclei.geojson.gz", "rt") as f:
+        features = json.load(f)["features"]
+    table = pq.read_table(tmp_path / "out" / "s" / "nuclei.parquet").to_pydict()
+    assert len(features) == len(table["id"]) == n
+    assert table["id"] == [f["properties"]["measurements"]["id"] for f in features]
+    assert sorted(set(table["class"])) <= ["class1", "class2", "class3", "class4"]
