@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None, prog: str = "cellseg slide") -> None:
     from cellseg.device import select_device
     from cellseg.infer.thresholds import THRESHOLDS_FILE, tuned_predict_params
     from cellseg.model.checkpoint import load_trained_model
-    from cellseg.slide.run import dask_client, run_slide
+    from cellseg.slide.run import dask_client, run_slide, slide_stem
 
     params = load_params()
     device = select_device(params.train.device)
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None, prog: str = "cellseg slide") -> None:
     predict = tuned_predict_params(params.predict, thresholds)
     stems = {}
     for slide in args.slides:
-        stem = Path(slide).stem
+        stem = slide_stem(slide)
         if stem in stems:
             raise CellsegError(f"{slide} and {stems[stem]} would both be written to {args.out / stem}/")
         stems[stem] = slide

@@ -154,6 +154,12 @@ def unpack(arrays, prefix: str, height: int, width: int) -> Instances:
 # ---------------------------------------------------------------- the client side
 
 
+def slide_stem(path: str | Path) -> str:
+    """The name of a slide's output folder: its file name without the extension (and without ``.ome``)."""
+    stem = Path(path).stem
+    return stem[: -len(".ome")] if stem.lower().endswith(".ome") else stem
+
+
 @dataclass
 class SlideSummary:
     stem: str
@@ -280,7 +286,7 @@ def run_slide(
 
     start = time.perf_counter()
     slide_path, out_dir = Path(slide_path), Path(out_dir)
-    stem = slide_path.name.split(".")[0] if slide_path.suffix.lower() == ".gz" else slide_path.stem
+    stem = slide_stem(slide_path)
     slide = open_slide(slide_path, mpp)
     try:
         level = choose_level(slide, target_mpp)
@@ -307,7 +313,8 @@ def run_slide(
 
     tissue_blocks = [b for b in map(with_tissue_tiles, blocks) if b.tiles]
     tissue_mm2 = overview.tissue_area_um2(slide_mpp) / 1e6
-    threads = max(1, (os.cpu_count() or 1) // max(workers, 1)) if (scheduler or workers > 1) else 0
+    # local workers share this machine's cores; a remote cluster's workers keep their own setting (0)
+    threads = max(1, (os.cpu_count() or 1) // workers) if (workers > 1 and not scheduler) else 0
     job = SlideJob(
         str(slide_path), mpp, level, target_mpp, height, width, str(checkpoint), predict, device, threads
     )
