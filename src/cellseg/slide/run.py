@@ -316,9 +316,15 @@ def run_slide(
     # local workers share this machine's cores; a remote cluster's workers keep their own setting (0)
     threads = max(1, (os.cpu_count() or 1) // workers) if (workers > 1 and not scheduler) else 0
     job = SlideJob(
-        str(slide_path), mpp, level, target_mpp, height, width, str(checkpoint), predict, device, threads
-    )
-    grid = {"tile": predict.tile_size, "overlap": predict.tile_overlap, "block_tiles": settings.block_tiles}
+        str(slide_path.resolve()), mpp, level, target_mpp, height, width, str(Path(checkpoint).resolve()),
+        predict, device, threads,
+    )  # fmt: skip
+    grid = {  # what decides the blocks and their tiles: a change starts the slide over
+        "tile": predict.tile_size,
+        "overlap": predict.tile_overlap,
+        **{k: getattr(settings, k) for k in ("block_tiles", "tissue_max_side", "tissue_min_saturation",
+                                             "tissue_max_saturation", "min_tissue_fraction")},
+    }  # fmt: skip
     work = _work_dir(out_dir, stem, _fingerprint(job, grid))
     done = {p.stem for p in (work / "blocks").glob("*.npz")}
     pending = [b for b in tissue_blocks if b.name not in done]
