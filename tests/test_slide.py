@@ -222,3 +222,23 @@ def test_gzipped_geojson_and_parquet_table(tmp_path, monkeypatch) -> None:
     assert len(features) == len(table["id"]) == n
     assert table["id"] == [f["properties"]["measurements"]["id"] for f in features]
     assert sorted(set(table["class"])) <= ["class1", "class2", "class3", "class4"]
+
+
+def test_the_label_image_holds_each_nucleus_under_its_table_id(tmp_path, monkeypatch) -> None:
+    import zarr
+
+    use_fake_detector(monkeypatch)
+    image, n = painted_tissue(300, 260, seed=6)
+    path = write_slide(tmp_path / "s.tif", 400, 380, 0.25, [(40, 60, image)], levels=1, tile=128)
+    predict, settings = slide_settings(label_image=True)
+    (tmp_path / "m.pt").write_bytes(b"x")
+    run_slide(path, tmp_path / "m.pt", tmp_path / "out", 0.25, predict, settings, progress=False)
+    root = zarr.open_group(tmp_path / "out" / "s" / "labels.zarr", mode="r")
+    assert root.attrs["ome"]["multiscales"][0]["datasets"][0]["path"] == "0"
+    labels = np.asarray(root["0"][:])
+    assert labels.shape == (400, 380) and labels.dtype == np.uint32
+    ids, areas = np.unique(labels[labels > 0], return_counts=True)
+    assert len(ids) == n and ids.max() == n
+    dark = np.zeros((400, 380), bool)
+    dark[40:340, 60:320] = image[..., 1] < 60
+    assert ((labels > 0) == dark).mean() > 0.995  # the nuclei's own pixels, nearly exactly

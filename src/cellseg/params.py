@@ -360,6 +360,7 @@ class SlideParams:
     min_tissue_fraction: float
     table_format: str
     gzip_geojson: bool
+    label_image: bool
     retries: int
 
     def __post_init__(self) -> None:

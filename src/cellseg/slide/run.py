@@ -35,6 +35,7 @@ from cellseg.instances import Instances
 from cellseg.params import PredictParams, SlideParams
 from cellseg.slide.blocks import Block, block_grid, resolve_seams, seam_detections
 from cellseg.slide.export import Nucleus, Writers, draw_outline, to_level0, write_picture
+from cellseg.slide.labels import LabelImage
 from cellseg.slide.reader import (
     SlideError,
     choose_level,
@@ -296,6 +297,7 @@ def run_slide(
             slide, settings.tissue_max_side, settings.tissue_min_saturation, settings.tissue_max_saturation
         )
         level_mpp, slide_mpp = slide.level_mpp(level), slide.mpp
+        size0 = (slide.height, slide.width)
     finally:
         slide.close()
     scale = target_mpp / slide_mpp  # level-0 px per model px
@@ -361,7 +363,7 @@ def run_slide(
         bar.close()
 
     with atomic_dir(out_dir / stem) as tmp:
-        counts = _assemble(tmp, stem, work, tissue_blocks, job, scale, slide_mpp, overview, settings)
+        counts = _assemble(tmp, stem, work, tissue_blocks, job, scale, slide_mpp, overview, settings, size0)
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return SlideSummary(
@@ -448,9 +450,11 @@ def _assemble(
     mpp: float,
     overview,
     settings: SlideParams,
+    size0: tuple[int, int],
 ) -> dict[str, int]:
     """Stream every nucleus into the exports: interior nuclei block by block, then the merged seam nuclei."""
     writers = Writers(folder, stem, mpp, settings.gzip_geojson, settings.table_format)
+    labels = LabelImage(folder / "labels.zarr", *size0, mpp) if settings.label_image else None
     picture = overview.image.copy()
     next_id = 1
     try:
@@ -467,9 +471,13 @@ def _assemble(
                     Nucleus(next_id, label, float(inst.scores[k]), polygon, pixels * scale * scale, pixels)
                 )
                 draw_outline(picture, polygon, label, overview.scale_y, overview.scale_x)
+                if labels is not None:
+                    labels.paint(polygon, next_id)
                 next_id += 1
     finally:
         writers.close()
+        if labels is not None:
+            labels.close()
     write_picture(folder / "thumbnail.png", picture)
     write_picture(folder / "tissue.png", (overview.mask * 255).astype(np.uint8))
     return {name: writers.counts[name] for name in CLASS_NAMES}
