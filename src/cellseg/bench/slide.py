@@ -177,6 +177,14 @@ def bench_seams(checkpoint: Path, folder: Path) -> float:
         np.concatenate([p.labels for p in parts]), np.concatenate([p.scores for p in parts]),
         np.concatenate([p.offsets for p in parts]).reshape(-1, 2), [c for p in parts for c in p.crops],
     )  # fmt: skip
+    with torch.inference_mode():
+        one, _ = detect_image(model, image, predict)  # the mosaic as one image: same tiles, no blocks
+    one = one.select(one.scores >= keep_threshold(predict))
+    same = _match(whole, one)
+    print(
+        f"seams: slide (blocks) vs the mosaic as one image (detect_image): {same[0]} matched, {same[1]} only in "
+        f"the slide, {same[2]} only in the one image (block seams: nothing lost or doubled when both are 0)"
+    )
     matched, only_whole, only_tiled = _match(whole, tiled)
     threshold = keep_threshold(predict)
     pq_whole = score_split(["m"], [truth], [whole], threshold, predict.min_kept_fraction).metrics["pq"]

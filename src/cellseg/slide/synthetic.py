@@ -77,8 +77,12 @@ def _tiles(shape: tuple[int, int], tile: int, patches: list) -> Iterator[np.ndar
             yield out
 
 
-def tissue_mosaic(side: int, n: int, seed: int = 7):
-    """An ``n × n`` mosaic of synthetic annotated images filling ``side`` px: ``(image, truth Instances)``."""
+def tissue_mosaic(side: int, n: int, seed: int = 7, per_mpx: int = 700):
+    """An ``n × n`` mosaic of synthetic annotated images filling ``side`` px: ``(image, truth Instances)``.
+
+    ``per_mpx`` nuclei per megapixel (aimed at): 700 is dense tissue at 0.25 µm/px (CoNSeP's tiles hold 300-1000)
+    and leaves a 512-px tile's nuclei under the model's per-image cap (``model.box_detections_per_img``).
+    """
     from cellseg.data.synth import ImageSpec, generate
     from cellseg.instances import Instances
 
@@ -89,7 +93,7 @@ def tissue_mosaic(side: int, n: int, seed: int = 7):
     for i in range(n):
         for j in range(n):
             pixels, rows = generate(
-                ImageSpec("train", f"m{i}{j}", cell, cell, cell * cell // 500, (seed, i * n + j))
+                ImageSpec("train", f"m{i}{j}", cell, cell, cell * cell * per_mpx // 10**6, (seed, i * n + j))
             )
             image[i * cell : (i + 1) * cell, j * cell : (j + 1) * cell] = pixels
             shifted = np.where(rows > 0, rows + next_id, 0)
