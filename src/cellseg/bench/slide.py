@@ -199,14 +199,6 @@ def bench_seams(checkpoint: Path, folder: Path) -> float:
     return delta
 
 
-def _nuclei_of(summary):
-    inst = _slide_instances(summary)
-    return sorted(
-        (int(k), round(float(s), 5), int(o[0]), int(o[1]), c.tobytes())
-        for k, s, o, c in zip(inst.labels, inst.scores, inst.offsets, inst.crops, strict=True)
-    )
-
-
 def bench_workers(checkpoint: Path, folder: Path) -> float:
     params, predict = _settings(checkpoint)
     path, _, _ = _mosaic(folder)
@@ -218,14 +210,25 @@ def bench_workers(checkpoint: Path, folder: Path) -> float:
         seconds = time.perf_counter() - t0
         mpx = summary.tissue_mm2 * 1e6 / MPP**2 / 1e6
         rates.append(mpx / seconds)
-        results.append(_nuclei_of(summary))
+        results.append(_slide_instances(summary))
         print(
             f"workers: {workers}: {sum(summary.counts.values())} nuclei, {mpx:.2f} tissue Mpx in {seconds:.1f} s "
             f"(cluster start included) = {rates[-1]:.3f} Mpx/s"
         )
-    same = results[0] == results[1]
-    print(f"workers: identical nuclei with 1 and 2 workers: {same}")
-    if not same:
+    from cellseg.eval.nuclei_metrics import label_map
+
+    one, two = results
+    matched, only_one, only_two = _match(one, two)
+    a, b = label_map(one), label_map(two)
+    class_a = np.concatenate([[0], a.classes])[a.ids]
+    class_b = np.concatenate([[0], b.classes])[b.ids]
+    differ = int(((a.ids > 0) != (b.ids > 0)).sum() + ((class_a != class_b) & (a.ids > 0) & (b.ids > 0)).sum())
+    print(
+        f"workers: 1 vs 2 workers: {matched} nuclei matched one to one, {only_one} only with 1, {only_two} only "
+        f"with 2; {differ} pixels differ in nucleus or class (of {a.ids.size}); scores "
+        f"{'identical' if sorted(one.scores.tolist()) == sorted(two.scores.tolist()) else 'differ in float rounding'}"
+    )
+    if only_one or only_two:
         raise CellsegError("1 and 2 workers gave different nuclei")
     ratio = rates[1] / rates[0]
     print(f"workers: throughput 2 workers / 1 worker = {ratio:.3f}")
