@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     if not slides:
         raise CellsegError(f"{args.slides_dir}: no slides ({', '.join(SUFFIXES)})")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    command.main([args.checkpoint, *map(str, slides), "--out", str(args.out_dir), "--no-progress"], prog="slides")
+    command.main(
+        [args.checkpoint, *map(str, slides), "--out", str(args.out_dir), "--no-progress"], prog="slides"
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     tissue, truth = tissue_mosaic(TISSUE, 2, seed=params.synth.seed)
     at = (SIDE - TISSUE) // 2
     with atomic_dir(args.out_dir) as tmp:
-        write_slide(tmp / "demo_slide.tif", SIDE, SIDE, params.data.mpp, [(at, at, tissue)], levels=3, tile=256)
+        write_slide(
+            tmp / "demo_slide.tif", SIDE, SIDE, params.data.mpp, [(at, at, tissue)], levels=3, tile=256
+        )
     print(f"wrote {args.out_dir}/demo_slide.tif ({SIDE}x{SIDE} px, {len(truth)} nuclei drawn)")
 
 

@@ -62,7 +62,11 @@ def test_the_aperio_fixture_reads_with_its_resolution() -> None:
     if not SVS.is_file():
         pytest.skip(f"Aperio fixture not available at {SVS} (it lives outside the repo, in ../shared)")
     slide = open_slide(SVS)
-    assert (slide.height, slide.width, len(slide.levels)) == (763, 756, 1)  # thumbnail/label/macro: not levels
+    assert (slide.height, slide.width, len(slide.levels)) == (
+        763,
+        756,
+        1,
+    )  # thumbnail/label/macro: not levels
     assert slide.mpp == pytest.approx(0.19448)
     region = slide.read_region(0, 200, 300, 50, 60)
     assert region.shape == (50, 60, 3) and region.dtype == np.uint8 and region.std() > 5
@@ -84,7 +88,9 @@ def test_blocks_are_groups_of_the_inference_tiles() -> None:
     tiles = {(w.y0, w.x0, w.height, w.width) for w in tile_windows(1000, 700, 128, 32)}
     for b in blocks:
         w = b.window
-        inner = {(t.y0 + w.y0, t.x0 + w.x0, t.height, t.width) for t in tile_windows(w.height, w.width, 128, 32)}
+        inner = {
+            (t.y0 + w.y0, t.x0 + w.x0, t.height, t.width) for t in tile_windows(w.height, w.width, 128, 32)
+        }
         assert inner <= tiles  # a block predicts exactly the slide's own tiles
     right = {(b.row, b.col): b.window for b in blocks}
     assert right[0, 0].x0 + right[0, 0].width - right[0, 1].x0 == 32  # neighbours share one tile overlap
@@ -138,7 +144,9 @@ def test_blocks_without_tissue_are_skipped(tmp_path, monkeypatch) -> None:
     import cellseg.slide.run
 
     real = cellseg.slide.run.predict_block
-    monkeypatch.setattr(cellseg.slide.run, "predict_block", lambda job, block: calls.append(block) or real(job, block))
+    monkeypatch.setattr(
+        cellseg.slide.run, "predict_block", lambda job, block: calls.append(block) or real(job, block)
+    )
     image, n = painted_tissue(200, 200)
     path = write_slide(tmp_path / "corner.tif", 1200, 1200, 0.25, [(900, 900, image)], levels=3, tile=128)
     predict, settings = slide_settings()
@@ -149,7 +157,9 @@ def test_blocks_without_tissue_are_skipped(tmp_path, monkeypatch) -> None:
     assert all(b.window.y0 + b.window.height > 850 and b.window.x0 + b.window.width > 850 for b in calls)
     assert sum(summary.counts.values()) == n
     predicted = sum(len(b.tiles) for b in calls)
-    assert predicted < sum(len(b.tile_windows(128, 32)) for b in calls)  # glass tiles of a tissue block: skipped
+    assert predicted < sum(
+        len(b.tile_windows(128, 32)) for b in calls
+    )  # glass tiles of a tissue block: skipped
     assert summary.tissue_mm2 == pytest.approx(200 * 200 * 0.0625 / 1e6, rel=0.3)
 
 
@@ -181,7 +191,9 @@ def test_an_interrupted_slide_resumes_where_it_stopped(tmp_path, monkeypatch) ->
     resumed = run_slide(path, tmp_path / "m.pt", out, 0.25, predict, settings, progress=False)
     assert resumed.blocks_resumed == 3 and resumed.blocks > 3
     again = run_slide(path, tmp_path / "m.pt", tmp_path / "fresh", 0.25, predict, settings, progress=False)
-    assert (out / "s" / "nuclei.geojson").read_bytes() == (tmp_path / "fresh" / "s" / "nuclei.geojson").read_bytes()
+    assert (out / "s" / "nuclei.geojson").read_bytes() == (
+        tmp_path / "fresh" / "s" / "nuclei.geojson"
+    ).read_bytes()
     assert sum(again.counts.values()) == n
 
 

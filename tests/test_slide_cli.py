@@ -47,7 +47,9 @@ def synth_slide(path, mpp=0.25, seed=0):
         ("unreachable_scheduler", "unreachable"),
     ],
 )
-def test_bad_input_is_one_error_line_and_no_result(case, message, checkpoint, tmp_path, capsys, monkeypatch) -> None:
+def test_bad_input_is_one_error_line_and_no_result(
+    case, message, checkpoint, tmp_path, capsys, monkeypatch
+) -> None:
     import cellseg.slide.run
 
     monkeypatch.setattr(cellseg.slide.run, "CONNECT_TIMEOUT", "1s")
@@ -81,7 +83,9 @@ def test_bad_input_is_one_error_line_and_no_result(case, message, checkpoint, tm
     assert not (tmp_path / "out" / path.stem).exists()  # no partial result presented as complete
 
 
-def test_a_slide_without_tissue_is_an_empty_result_and_a_warning(checkpoint, tmp_path, capsys, monkeypatch) -> None:
+def test_a_slide_without_tissue_is_an_empty_result_and_a_warning(
+    checkpoint, tmp_path, capsys, monkeypatch
+) -> None:
     path = write_slide(tmp_path / "glass.tif", 300, 300, 0.25, [], levels=1, tile=128)
     code, out, err = _cli([checkpoint, path, "--out", tmp_path / "out"], capsys, monkeypatch)
     assert code == 0 and "warning:" in err and "no tissue" in err
@@ -90,11 +94,17 @@ def test_a_slide_without_tissue_is_an_empty_result_and_a_warning(checkpoint, tmp
 
 
 def _nuclei(folder):
+    """(class, outline) of every nucleus, sorted, and the scores in that order."""
     features = json.loads((folder / "nuclei.geojson").read_text())["features"]
-    return sorted(
-        (f["properties"]["classification"]["name"], f["properties"]["measurements"]["score"], f["geometry"]["coordinates"])
+    rows = sorted(
+        (
+            f["properties"]["classification"]["name"],
+            json.dumps(f["geometry"]["coordinates"]),
+            f["properties"]["measurements"]["score"],
+        )
         for f in features
     )
+    return [r[:2] for r in rows], np.array([r[2] for r in rows])
 
 
 @pytest.mark.slow
@@ -113,7 +123,11 @@ def test_one_and_two_workers_give_the_same_nuclei(checkpoint, tmp_path) -> None:
     assert one.blocks == two.blocks > 2
     assert one.counts == two.counts
     assert sum(one.counts.values()) > 0
-    assert _nuclei(tmp_path / "one" / "s") == _nuclei(tmp_path / "two" / "s")
+    shapes_one, scores_one = _nuclei(tmp_path / "one" / "s")
+    shapes_two, scores_two = _nuclei(tmp_path / "two" / "s")
+    assert shapes_one == shapes_two  # the same nuclei, pixel for pixel
+    # 1 vs 2 torch threads per process: the scores may differ in float rounding, nothing more
+    assert np.allclose(scores_one, scores_two, atol=1e-3)
 
 
 def test_the_local_cluster_listens_on_loopback_only() -> None:

@@ -222,7 +222,9 @@ def bench_workers(checkpoint: Path, folder: Path) -> float:
     a, b = label_map(one), label_map(two)
     class_a = np.concatenate([[0], a.classes])[a.ids]
     class_b = np.concatenate([[0], b.classes])[b.ids]
-    differ = int(((a.ids > 0) != (b.ids > 0)).sum() + ((class_a != class_b) & (a.ids > 0) & (b.ids > 0)).sum())
+    differ = int(
+        ((a.ids > 0) != (b.ids > 0)).sum() + ((class_a != class_b) & (a.ids > 0) & (b.ids > 0)).sum()
+    )
     print(
         f"workers: 1 vs 2 workers: {matched} nuclei matched one to one, {only_one} only with 1, {only_two} only "
         f"with 2; {differ} pixels differ in nucleus or class (of {a.ids.size}); scores "
