@@ -84,3 +84,20 @@ def slide_settings(**changes):
     )
     slide = dataclasses.replace(params.slide, block_tiles=2, tissue_max_side=256, **changes)
     return predict, slide
+
+
+def die_once_then_fake_predict(job, block):
+    """A Dask task whose first attempt on block 0_0 kills its worker process (as an OOM kill would); every
+    attempt after that predicts with :func:`fake_detect`. Runs in the worker, so it patches there."""
+    import os
+
+    import cellseg.infer.detect
+    import cellseg.slide.run
+
+    marker = Path(job.slide).parent / f"died-{block.name}"
+    if block.name == "0_0" and not marker.exists():
+        marker.write_text("killed\n")
+        os._exit(1)
+    cellseg.infer.detect.detect_batch = fake_detect_batch
+    cellseg.slide.run._model = lambda checkpoint, device: None
+    return cellseg.slide.run.predict_block(job, block)

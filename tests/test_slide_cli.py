@@ -11,7 +11,7 @@ import pytest
 from cellseg.data.synth import ImageSpec, generate
 from cellseg.slide.synthetic import write_slide
 from conftest import ROOT
-from slide_helpers import SVS
+from slide_helpers import SVS, die_once_then_fake_predict, painted_tissue, slide_settings
 
 
 def _cli(args, capsys, monkeypatch) -> tuple[int, str, str]:
@@ -163,3 +163,19 @@ def test_the_aperio_fixture_runs_end_to_end(checkpoint, tmp_path, capsys, monkey
         assert f["properties"]["classification"]["name"].startswith("class")
     assert {"thumbnail.png", "tissue.png"} <= {p.name for p in folder.iterdir()}
     assert np.isfinite([f["properties"]["measurements"]["area_um2"] for f in features]).all()
+
+
+@pytest.mark.slow
+def test_a_block_whose_worker_dies_is_retried(tmp_path) -> None:
+    from cellseg.slide.run import run_slide
+
+    image, n = painted_tissue(300, 300, seed=8)
+    path = write_slide(tmp_path / "s.tif", 400, 400, 0.25, [(50, 50, image)], levels=1, tile=128)
+    predict, settings = slide_settings()
+    (tmp_path / "m.pt").write_bytes(b"unused")
+    summary = run_slide(
+        path, tmp_path / "m.pt", tmp_path / "out", 0.25, predict, settings, workers=2, progress=False,
+        task=die_once_then_fake_predict,
+    )  # fmt: skip
+    assert (tmp_path / "died-0_0").is_file()  # the first attempt killed its worker
+    assert sum(summary.counts.values()) == n  # and the block was predicted again: nothing missing

@@ -279,10 +279,12 @@ def run_slide(
     progress: bool = True,
     stop_after: int | None = None,
     keep_work: bool = False,
+    task=None,
 ) -> SlideSummary:
     """Predict one slide into ``out_dir/<stem>/``. ``client``: an open Dask client to reuse (several slides);
     ``stop_after``: stop (raise KeyboardInterrupt) after that many new blocks, as an interrupt would (tests);
-    ``keep_work``: keep the block files (``summary.work``, for :func:`slide_instances`: benchmarks)."""
+    ``keep_work``: keep the block files (``summary.work``, for :func:`slide_instances`: benchmarks);
+    ``task``: the block function sent to Dask workers instead of :func:`predict_block` (tests)."""
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -355,7 +357,7 @@ def run_slide(
     try:
         if pending and (scheduler or workers > 1 or client is not None):
             with _client(client, workers, scheduler) as dask:
-                _run_on_dask(dask, job, pending, finished, settings.retries)
+                _run_on_dask(dask, job, pending, finished, settings.retries, task)
         else:
             for block in pending:
                 finished(block, predict_block(job, block))
@@ -391,12 +393,12 @@ def _client(client, workers: int, scheduler: str | None):
             yield made
 
 
-def _run_on_dask(client, job: SlideJob, pending: list[Block], finished, retries: int) -> None:
+def _run_on_dask(client, job: SlideJob, pending: list[Block], finished, retries: int, task=None) -> None:
     from distributed import as_completed
 
     futures = {
         client.submit(
-            predict_block,
+            task or predict_block,
             job,
             block,
             key=f"block-{Path(job.slide).stem}-{block.name}-{id(job)}",
