@@ -254,3 +254,26 @@ def test_the_label_image_holds_each_nucleus_under_its_table_id(tmp_path, monkeyp
     dark = np.zeros((400, 380), bool)
     dark[40:340, 60:320] = image[..., 1] < 60
     assert ((labels > 0) == dark).mean() > 0.995  # the nuclei's own pixels, nearly exactly
+
+
+def test_a_png_is_a_one_level_slide_given_its_resolution(tmp_path, monkeypatch) -> None:
+    from PIL import Image
+
+    use_fake_detector(monkeypatch)
+    image, n = painted_tissue(300, 320, seed=9)
+    Image.fromarray(image).save(tmp_path / "field.png")
+    with pytest.raises(SlideError, match=r"field.png: no resolution metadata .*--mpp"):
+        open_slide(tmp_path / "field.png")
+    predict, settings = slide_settings()
+    (tmp_path / "m.pt").write_bytes(b"x")
+    summary = run_slide(
+        tmp_path / "field.png",
+        tmp_path / "m.pt",
+        tmp_path / "out",
+        0.25,
+        predict,
+        settings,
+        mpp=0.25,
+        progress=False,
+    )
+    assert sum(summary.counts.values()) == n and summary.level == 0
