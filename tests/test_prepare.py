@@ -119,7 +119,7 @@ def test_invalid_group_regex_is_a_params_error(tmp_path: Path) -> None:
     from cellseg.params import DataParams, ParamsError
 
     with pytest.raises(ParamsError, match="data.group_regex"):
-        DataParams(raw_dir="x", val_fraction=0.2, seed=0, group_regex="(unclosed")
+        DataParams(raw_dir="x", val_fraction=0.2, seed=0, group_regex="(unclosed", mpp=0.25)
 
 
 def test_failure_leaves_no_partial_output_and_keeps_previous(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from cellseg.entry import run
 VERBS = {
     "score": ("cellseg.eval.score_results", "score a COCO results file or submission.zip against a truth folder"),
     "predict": ("cellseg.infer.folder", "predict a folder of images into per-class instance label maps"),
+    "slide": ("cellseg.slide.command", "predict whole slides into QuPath GeoJSON, a nuclei table and pictures"),
     "bench": ("cellseg.bench.runner", "run the benchmarks (all, or those named); each prints its ratio last"),
 }
 """verb -> (module with ``main(argv, prog)``, one line of help)."""

@@ -117,9 +117,14 @@ class DataParams(_Section):
     val_fraction: float
     seed: int
     group_regex: str
+    mpp: float
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
+        _check(
+            math.isfinite(self.mpp) and 0.01 <= self.mpp <= 100.0,
+            f"data.mpp (training resolution, µm/px) must be in [0.01, 100]; got {self.mpp}",
+        )
         try:
             re.compile(self.group_regex)
         except re.error as err:
@@ -422,6 +427,39 @@ class EvaluateParams(_Section):
         )
 
 
+TABLE_FORMATS = ("csv", "parquet")
+
+
+@dataclass(frozen=True)
+class SlideParams:
+    """Whole-slide inference (``cellseg slide``, the ``slides`` stage): blocks, tissue detection, outputs."""
+
+    input_dir: str
+    block_tiles: int
+    tissue_max_side: int
+    tissue_min_saturation: int
+    tissue_max_saturation: int
+    min_tissue_fraction: float
+    table_format: str
+    gzip_geojson: bool
+    label_image: bool
+    retries: int
+
+    def __post_init__(self) -> None:
+        _check(self.block_tiles >= 1, "slide.block_tiles must be >= 1")
+        _check(self.tissue_max_side >= 16, "slide.tissue_max_side must be >= 16")
+        _check(
+            0 <= self.tissue_min_saturation <= self.tissue_max_saturation <= 255,
+            "slide needs 0 <= tissue_min_saturation <= tissue_max_saturation <= 255",
+        )
+        _check(0.0 <= self.min_tissue_fraction < 1.0, "slide.min_tissue_fraction must be in [0, 1)")
+        _check(
+            self.table_format in TABLE_FORMATS,
+            f"slide.table_format must be one of {', '.join(TABLE_FORMATS)}; got {self.table_format!r}",
+        )
+        _check(self.retries >= 0, "slide.retries must be >= 0")
+
+
 @dataclass(frozen=True)
 class Params:
     """Everything in ``params.yaml``."""
@@ -437,6 +475,7 @@ class Params:
     postproc: PostprocParams
     tune: TuneParams
     evaluate: EvaluateParams
+    slide: SlideParams
 
     def __post_init__(self) -> None:
         _check(

@@ -12,8 +12,8 @@ import sys
 
 from cellseg import CellsegError
 
-BENCHMARKS = ("prepare", "maps", "metric", "aux", "tiling", "train", "postproc", "inference")
-"""In the order ``make bench`` runs them; ``inference`` needs a trained model (``make demo`` first)."""
+BENCHMARKS = ("prepare", "maps", "metric", "aux", "tiling", "train", "postproc", "inference", "slide")
+"""In the order ``make bench`` runs them; ``inference`` and ``slide`` need a trained model (``make demo`` first)."""
 
 
 def main(argv: list[str] | None = None, prog: str = "cellseg bench") -> None:
