@@ -93,6 +93,21 @@ def test_a_slide_without_tissue_is_an_empty_result_and_a_warning(
     assert json.loads((tmp_path / "out" / "glass" / "nuclei.geojson").read_text())["features"] == []
 
 
+def test_each_slide_result_records_its_model(checkpoint, tmp_path, capsys, monkeypatch) -> None:
+    """provenance.json beside the results: the checkpoint's sha256, cellseg's version, the training params."""
+    import hashlib
+
+    from cellseg import __version__
+
+    path = synth_slide(tmp_path / "s.tif")
+    code, _, err = _cli([checkpoint, path, "--out", tmp_path / "out"], capsys, monkeypatch)
+    assert code == 0, err
+    record = json.loads((tmp_path / "out" / "s" / "provenance.json").read_text())
+    assert record["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert record["cellseg_version"] == __version__ and record["trained_params"]["data"]["mpp"] == 0.25
+    assert record["slide_file"] == str(path) and record["level"] == 0
+
+
 def _nuclei(folder):
     """(class, outline) of every nucleus, sorted, and the scores in that order."""
     features = json.loads((folder / "nuclei.geojson").read_text())["features"]
