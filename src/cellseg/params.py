@@ -431,7 +431,7 @@ TABLE_FORMATS = ("csv", "parquet")
 
 
 @dataclass(frozen=True)
-class SlideParams:
+class SlideParams(_Section):
     """Whole-slide inference (``cellseg slide``, the ``slides`` stage): blocks, tissue detection, outputs."""
 
     input_dir: str

@@ -366,7 +366,8 @@ def _train(params: Params, paths: TrainPaths, device: torch.device, info: DistIn
         live = Live(str(paths.live), dvcyaml=None, save_dvc_exp=False, resume=start_epoch > 0)
         print(
             f"model {params.model.arch} (aux heads: {'on' if model.has_aux else 'off'}), "
-            f"{count_parameters(model):,} parameters, {len(dataset)} training images, device {device}, "
+            f"{count_parameters(model):,} parameters, {len(dataset)} training images at "
+            f"{params.data.mpp} µm/px (data.mpp, saved for cellseg slide), device {device}, "
             f"precision {'fp32' if dtype is None else tp.precision}, {workers} loader workers, "
             f"{info.world_size} process{'es' if info.world_size > 1 else ''}"
         )
