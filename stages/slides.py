@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from cellseg import CellsegError
+from cellseg.data.io import visible_files
 from cellseg.entry import run
 from cellseg.slide import command
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.slides_dir.is_dir():
         raise CellsegError(f"{args.slides_dir}: not a folder of slides (set slide.input_dir in params.yaml)")
-    slides = sorted(p for p in args.slides_dir.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
+    slides = visible_files(args.slides_dir, SUFFIXES)
     if not slides:
         raise CellsegError(f"{args.slides_dir}: no slides ({', '.join(SUFFIXES)})")
     args.out_dir.mkdir(parents=True, exist_ok=True)
