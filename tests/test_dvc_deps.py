@@ -86,6 +86,7 @@ def test_a_folder_dep_counts_every_module_under_it() -> None:
     assert listed_code(["src/cellseg/model"]) == {
         "src/cellseg/model/__init__.py",
         "src/cellseg/model/checkpoint.py",
+        "src/cellseg/model/cpu_roi_align.py",
         "src/cellseg/model/mask_targets.py",
         "src/cellseg/model/maskrcnn.py",
         "src/cellseg/model/safe_load.py",

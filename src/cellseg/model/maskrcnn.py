@@ -41,11 +41,12 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.ops.poolers import initLevelMapper
 
 from cellseg import MAP_NAMES, NUM_CLASSES, CellsegError
-from cellseg.model import mask_targets
+from cellseg.model import cpu_roi_align, mask_targets
 from cellseg.model.safe_load import load_weights_only, read_failure
 from cellseg.params import AuxParams, ModelParams
 
 mask_targets.install()  # mask targets from the matched masks only (same values, a fraction of the memory)
+cpu_roi_align.install()  # RoI pooling on CPU channels-last features as one gather (same values, ~3x faster)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
