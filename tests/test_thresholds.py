@@ -319,12 +319,16 @@ def test_per_class_tuning_by_hand() -> None:
 
 def test_tuning_stores_per_class_thresholds_and_an_empty_grid_turns_them_off(tmp_path: Path) -> None:
     files = _val_split(tmp_path / "val")
-    params = tiny_params(tune__score_grid=[0.3, 0.45, 0.95], tune__mask_grid=[0.5], predict__tile_size=1024)
+    grid = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    params = tiny_params(
+        tune__score_grid=[0.3, 0.45, 0.95], tune__mask_grid=[0.5], tune__class_score_grid=grid, predict__tile_size=1024
+    )
     tuned = tune_thresholds(LowScoreOracle(), files, params.predict, params.tune, torch.device("cpu"))
     per_class = tuned["label_score_threshold_per_class"]
     assert set(per_class) == {"1", "2", "3", "4"} and per_class["2"] >= 0.45  # the false positive is class 2
     assert tuned["val_pq"] >= tuned["val_pq_global"]
-    off = tiny_params(tune__score_grid=[0.3, 0.45, 0.95], tune__mask_grid=[0.5], tune__class_score_grid=[])
+    off = tiny_params(tune__score_grid=[0.3, 0.45, 0.95], tune__mask_grid=[0.5])
+    assert off.tune.class_score_grid == []  # the default: one global threshold (per class lowered test PQ)
     assert "label_score_threshold_per_class" not in tune_thresholds(
         LowScoreOracle(), files, off.predict, off.tune, torch.device("cpu")
     )
