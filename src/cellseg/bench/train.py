@@ -7,8 +7,9 @@ auxiliary heads, ``model.scale`` 2, 128-px crops, batch 4, flips and 90-degree r
 Two steps are compared, each in a fresh process, in the same run:
 
 - *today*: fp32, the model as ``build_model`` returns it (what every CPU run did before issue 19);
-- *new*: ``train.precision`` ``--precision`` (default bf16: autocast, fp32 master weights) and the model
-  as the training stage now prepares it (``for_training``: channels-last on the CPU).
+- *new*: ``train.precision`` ``--precision`` (default bf16: autocast, fp32 master weights), the model
+  as the training stage now prepares it (``for_training``: channels-last on the CPU, which also moves RoI
+  pooling to ``cellseg.model.cpu_roi_align``'s gather) and the recipe's proposal counts (``RECIPE_SPEED``).
 
 Each process trains 2 warm-up steps, then blocks of ``--steps`` steps until two consecutive blocks agree
 within 10% (at most ``--max-blocks``); its figure is the mean of those two blocks. Images/s is wall time;
@@ -241,6 +242,10 @@ RECIPE = {
     "aux.enabled": True,
 }
 """The Makefile's REAL_CPU model and data settings (the dataset paths and the schedule aside)."""
+RECIPE_SPEED = {"model.rpn_pre_nms_top_n_train": 600, "model.rpn_post_nms_top_n_train": 300}
+"""The recipe's settings chosen for speed that change what is trained (proposals per level before NMS and per
+image after it, sized to the tens of nuclei a 256-px crop holds): the new step only, today's keeps
+params.yaml's 2000/1000. ``--no-speed-settings`` leaves them out, to see the rest alone."""
 RECIPE_TILES = 16
 AGREE = 0.10
 CONSEP = Path(__file__).resolve().parents[3].parent / "shared" / "datasets" / "consep-dev"
@@ -404,12 +409,18 @@ def recipe_main(args: argparse.Namespace) -> None:
             f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
         )
         data = (str(train), str(maps))
+        speed = {} if args.no_speed_settings else RECIPE_SPEED
+        if speed:
+            print("new step also: " + ", ".join(f"{k}={v}" for k, v in speed.items()))
         rows = []
         for _ in range(args.rounds):
             for new, prec, label in ((False, "fp32", "today: fp32"), (True, precision, f"new: {precision}")):
                 if new and args.device == "cpu":
                     label += " + channels-last"
-                got = measure_recipe(new, prec, data, overrides, args.steps, args.max_blocks, args.threads)
+                if new and speed:
+                    label += " + proposals"
+                step_overrides = {**overrides, **speed} if new else overrides
+                got = measure_recipe(new, prec, data, step_overrides, args.steps, args.max_blocks, args.threads)
                 rows.append((new, got))
                 blocks = ", ".join(f"{v:.2f}" for v in got["blocks"])
                 print(
@@ -456,6 +467,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-blocks", type=int, default=6, help="recipe: timed blocks at most per variant")
     parser.add_argument("--rounds", type=int, default=1, help="recipe: today/new pairs, alternated")
     parser.add_argument("--set", action="append", help="recipe: extra params override key=value (both steps)")
+    parser.add_argument(
+        "--no-speed-settings",
+        action="store_true",
+        help="recipe: the new step without RECIPE_SPEED (the recipe's proposal counts)",
+    )
     args = parser.parse_args(argv)
     if args.plain:
         args.steps = args.steps or 3
