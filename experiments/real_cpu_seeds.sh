@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make real-cpu` once per seed, each timed on its own and scored on the held-out truth (issue 19's check).
-#   usage: RAW=/abs/consep-dev OUT=/abs/results experiments/real_cpu_seeds.sh SEED [SEED ...]
+#   usage: RAW=/abs/consep-dev OUT=/abs/results [MORE='-S key=value ...'] experiments/real_cpu_seeds.sh SEED [SEED ...]
+#   MORE: overrides on top of the recipe for every seed (an ablation at equal epochs, e.g. the recipe before a change)
 #   Run it from the root of a scratch clone with nothing else running on the machine: each seed is one
 #   `dvc exp run` of the Makefile's REAL_CPU recipe plus `-S train.seed=SEED`; its wall time is the whole run
 #   (prepare -> submit), and abl_keep.sh keeps its files in $OUT/seedN and writes $OUT/seedN/test.json.
@@ -11,9 +12,9 @@ for seed in "$@"; do
   name="seed$seed"
   git checkout -- params.yaml
   start=$(date +%s)
-  make real-cpu RAW="$RAW" EXTRA="-S train.seed=$seed" > "$OUT/$name.log" 2>&1
+  make real-cpu RAW="$RAW" EXTRA="-S train.seed=$seed ${MORE:-}" > "$OUT/$name.log" 2>&1
   rc=$?
   wall=$(( $(date +%s) - start ))
-  echo "$name rc=$rc wall=${wall}s" | tee -a "$OUT/summary.log"
+  echo "$name rc=$rc wall=${wall}s${MORE:+ more=$MORE}" | tee -a "$OUT/summary.log"
   if [ "$rc" -eq 0 ]; then OUT="$OUT" RAW="$RAW" "$(dirname "$0")/abl_keep.sh" "$name"; fi
 done

@@ -1,6 +1,7 @@
 """Each seed's figures and their mean ± spread for ``experiments/real_cpu_seeds.sh``'s folder (issue 19's check).
 
-Reads ``<out>/seed<N>/test.json`` (label maps at the tuned per-class thresholds) and ``test_global.json`` (at
+Reads ``<out>/seed<N>/test.json`` (label maps at the tuned thresholds file: per class when the run tuned them,
+``tune.class_score_grid``) and ``test_global.json`` (at
 the one global threshold) and ``<out>/summary.log`` (wall time per seed), and prints markdown tables.
 
 Usage: python experiments/summarize_seeds.py /path/to/results
@@ -18,8 +19,8 @@ FIGURES = ("ap50_at_100", "ap", "pq", "mpq_plus", "aji", "f1", "pq_class1", "pq_
 
 
 def main(folder: Path) -> None:
-    walls = dict(re.findall(r"^(seed\d+) rc=0 wall=(\d+)s$", (folder / "summary.log").read_text(), re.M))
-    for kind, file in (("per-class thresholds", "test.json"), ("global threshold", "test_global.json")):
+    walls = dict(re.findall(r"^(seed\d+) rc=0 wall=(\d+)s\b", (folder / "summary.log").read_text(), re.M))
+    for kind, file in (("tuned thresholds file", "test.json"), ("global threshold", "test_global.json")):
         runs = {p.parent.name: json.loads(p.read_text()) for p in sorted(folder.glob(f"seed*/{file}"))}
         if not runs:
             continue
