@@ -15,7 +15,7 @@ RAW ?= data/raw
 EXTRA ?=  # more overrides, e.g. EXTRA='-S train.seed=1'
 REAL_CPU = -S 'data.raw_dir=$(RAW)' -S "data.group_regex='^(train_[0-9]+)_'" \
   -S model.scale=2.0 -S train.crop_size=128 -S augment.hflip_p=0.5 -S augment.vflip_p=0.5 -S augment.rotate90_p=0.5 \
-  -S train.repeat_threshold=1.0 -S train.precision=bf16 -S train.epochs=46 -S train.eval_every=46 \
+  -S train.repeat_threshold=1.0 -S train.precision=bf16 -S train.epochs=42 -S train.eval_every=42 \
   -S train.train_eval_images=0 -S model.rpn_pre_nms_top_n_train=600 -S model.rpn_post_nms_top_n_train=300
 
 setup: $(VENV)/.installed
