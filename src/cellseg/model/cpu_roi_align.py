@@ -73,11 +73,11 @@ def gather_roi_align(
     weights = torch.stack(
         [weight(wy_lo, wx_lo), weight(wy_lo, wx_hi), weight(wy_hi, wx_lo), weight(wy_hi, wx_hi)], dim=-1
     ) * keep[..., None]
-    # one bag per output bin: its s × s samples × 4 neighbours
-    index = index.reshape(k, ph, s, pw, s, 4).permute(0, 1, 3, 2, 4, 5).reshape(k * ph * pw, s * s * 4)
-    weights = weights.reshape(k, ph, s, pw, s, 4).permute(0, 1, 3, 2, 4, 5).reshape(k * ph * pw, s * s * 4)
+    def bags(t: Tensor) -> Tensor:  # one bag per output bin: its s × s samples × 4 neighbours
+        return t.reshape(k, ph, s, pw, s, 4).permute(0, 1, 3, 2, 4, 5).reshape(k * ph * pw, s * s * 4)
+
     table = features.float().permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view on channels-last fp32
-    pooled = F.embedding_bag(index, table, per_sample_weights=weights, mode="sum")
+    pooled = F.embedding_bag(bags(index), table, per_sample_weights=bags(weights), mode="sum")
     return pooled.reshape(k, ph, pw, c).permute(0, 3, 1, 2).to(features.dtype)
 
 
