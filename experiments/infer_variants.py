@@ -34,9 +34,10 @@ from cellseg.infer.detect import postprocess
 from cellseg.infer.postproc import refine
 from cellseg.infer.predict import predict_images_maps
 from cellseg.infer.submit import load_test_images
-from cellseg.infer.thresholds import tuned_predict_params
 from cellseg.instances import Instances
 from cellseg.model.checkpoint import load_trained_model
+from cellseg.model.thresholds import tuned_predict_params
+from cellseg.nuclei import NucleusRule
 from cellseg.params import PostprocParams, PredictParams, load_params
 from cellseg.rle import to_coco_results
 
@@ -76,7 +77,9 @@ def _tune(val: list, names: list[str], truths: list, postproc: PostprocParams | 
         )
         refined = _refined(val, steps, predict)
         for label in LABEL_GRID:
-            pq = score_split(names, truths, refined, label, predict.min_kept_fraction).metrics["pq"]
+            pq = score_split(names, truths, refined, NucleusRule(label, predict.min_kept_fraction)).metrics[
+                "pq"
+            ]
             if pq > best[2]:
                 best = (peak, label, pq)
     return best

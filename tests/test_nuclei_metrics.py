@@ -8,15 +8,9 @@ import pytest
 from scipy import ndimage
 
 from cellseg.data.io import CLASS_FILES, read_label
-from cellseg.eval.nuclei_metrics import (
-    UNDEFINED,
-    Overlaps,
-    count,
-    label_map,
-    score_split,
-    truth_label_map,
-)
+from cellseg.eval.nuclei_metrics import UNDEFINED, Overlaps, count, score_split
 from cellseg.instances import Instances
+from cellseg.nuclei import DEFAULT_MIN_KEPT_FRACTION, NucleusRule, label_map, truth_label_map
 from conftest import ROOT
 
 matching = pytest.importorskip("stardist.matching")  # test-only dependency (requirements.txt)
@@ -99,10 +93,8 @@ def test_matches_stardist_on_random_label_maps() -> None:
     truths = [random_discs(rng, 40) for _ in range(6)]
     preds = [jitter(t, rng) for t in truths[:5]] + [random_discs(rng, 30)]
     truth_maps = [truth_label_map(t) for t in truths]
-    pred_maps = [label_map(p) for p in preds]
-    scores = score_split(
-        [str(i) for i in range(6)], truths, preds, score_threshold=0.0, min_kept_fraction=0.0
-    )
+    pred_maps = [label_map(p, NucleusRule()) for p in preds]
+    scores = score_split([str(i) for i in range(6)], truths, preds, NucleusRule(0.0, 0.0))
     assert sum(img.all.tp for img in scores.images) > 50  # the comparison covers many real pairs
     _assert_like_stardist([t.ids for t in truth_maps], [p.ids for p in pred_maps], scores)
 
@@ -127,11 +119,11 @@ def test_matches_stardist_on_real_nuclei() -> None:
     tiles = _consep_tiles(8)
     truths = [t for _, t in tiles]
     preds = [jitter(t, rng) for t in truths]
-    scores = score_split(
-        [name for name, _ in tiles], truths, preds, score_threshold=0.0, min_kept_fraction=0.0
-    )
+    scores = score_split([name for name, _ in tiles], truths, preds, NucleusRule(0.0, 0.0))
     assert sum(img.all.tp for img in scores.images) > 100
-    _assert_like_stardist([truth_label_map(t).ids for t in truths], [label_map(p).ids for p in preds], scores)
+    _assert_like_stardist(
+        [truth_label_map(t).ids for t in truths], [label_map(p, NucleusRule()).ids for p in preds], scores
+    )
 
 
 # ------------------------------------------------------------------------------------------ hand-built cases
@@ -147,7 +139,7 @@ def test_aji_aji_plus_dice2_and_pq_by_hand() -> None:
         *shape,
         [(1, box(shape, slice(0, 2), slice(0, 8)), 0.9), (1, box(shape, slice(0, 4), slice(8, 10)), 0.8)],
     )
-    c = count(Overlaps.of(truth_label_map(truth), label_map(pred)))
+    c = count(Overlaps.of(truth_label_map(truth), label_map(pred, NucleusRule())))
     # IoU T1-P1 = 10/16 = .625, T2-P1 = 6/20 = .3, T2-P2 = 4/14 = .2857
     # AJI: T1->P1 (10/16), T2->P1 (its best, .3 > .2857: 6/20); P2 unused adds 8: 16 / (16 + 20 + 8) = 16/44
     assert c.aji == pytest.approx(16 / 44)
@@ -172,7 +164,9 @@ def test_mpq_plus_pools_per_class_over_the_split_by_hand() -> None:
     pred_b = instances(
         *shape, [(4, box(shape, slice(20, 30), slice(20, 30)), 0.7)]
     )  # a class-4 false positive
-    scores = score_split(["a", "b"], [image_a, image_b], [pred_a, pred_b], score_threshold=0.5)
+    scores = score_split(
+        ["a", "b"], [image_a, image_b], [pred_a, pred_b], NucleusRule(0.5, DEFAULT_MIN_KEPT_FRACTION)
+    )
     m = scores.metrics
     # class 2 pooled: TP 1 (IoU .8), FP 1 (the mislabelled one), FN 1 (image b) -> .8 / (1 + .5 + .5) = .4
     assert m["pq_class2"] == pytest.approx(0.4)
@@ -193,14 +187,14 @@ def test_empty_truth_empty_prediction_and_both() -> None:
         ["no_truth", "no_pred", "neither"],
         [empty, instances(*shape, nucleus), empty],
         [instances(*shape, nucleus), empty, empty],
-        score_threshold=0.5,
+        NucleusRule(0.5, DEFAULT_MIN_KEPT_FRACTION),
     )
     rows = {r["name"]: r for r in scores.per_image_rows()}
     for name in ("no_truth", "no_pred"):
         assert rows[name]["pq"] == 0.0 and rows[name]["aji"] == 0.0 and rows[name]["f1"] == 0.0
     assert rows["neither"]["pq"] is None and rows["neither"]["aji"] is None  # left out of the mean
     assert scores.metrics["pq"] == 0.0
-    only_empty = score_split(["x"], [empty], [empty], score_threshold=0.5).metrics
+    only_empty = score_split(["x"], [empty], [empty], NucleusRule(0.5, DEFAULT_MIN_KEPT_FRACTION)).metrics
     assert (
         only_empty["pq"] == UNDEFINED
         and only_empty["mpq_plus"] == UNDEFINED
@@ -210,45 +204,16 @@ def test_empty_truth_empty_prediction_and_both() -> None:
 
 def test_perfect_prediction_scores_one() -> None:
     rng = np.random.default_rng(3)
-    truth = label_map(random_discs(rng, 30))  # one region per nucleus, as every predicted label map has
+    truth = label_map(
+        random_discs(rng, 30), NucleusRule()
+    )  # one region per nucleus, as every predicted label map has
     inst = instances(128, 128, [(int(c), truth.ids == i + 1, 1.0) for i, c in enumerate(truth.classes)])
-    m = score_split(["t"], [inst], [inst], score_threshold=0.5).metrics
+    m = score_split(["t"], [inst], [inst], NucleusRule(0.5, DEFAULT_MIN_KEPT_FRACTION)).metrics
     for key in ("pq", "dq", "sq", "aji", "aji_plus", "dice2", "f1", "mpq_plus"):
         assert m[key] == pytest.approx(1.0), key
 
 
 # --------------------------------------------------------------------------------------------- label maps
-def test_label_map_gives_each_pixel_to_the_best_score_across_classes() -> None:
-    shape = (10, 10)
-    low = box(shape, slice(0, 10), slice(0, 6))  # 60 px, class 1
-    high = box(shape, slice(0, 10), slice(4, 10))  # 60 px, class 3, overlaps cols 4-5
-    lm = label_map(instances(*shape, [(1, low, 0.6), (3, high, 0.9)]))
-    assert lm.ids[0, 4] == 1 and lm.classes.tolist() == [3, 1] and lm.source.tolist() == [1, 0]
-    assert (lm.ids == 1).sum() == 60 and (lm.ids == 2).sum() == 40
-
-
-def test_label_map_threshold_ties_and_kept_fraction() -> None:
-    shape = (10, 10)
-    a = box(shape, slice(0, 10), slice(0, 5))  # 50 px
-    b = box(shape, slice(0, 10), slice(2, 6))  # 40 px: keeps only col 5 (10 px, 25 %) under a
-    tied = label_map(instances(*shape, [(1, a, 0.5), (2, b, 0.5)]))
-    assert tied.source.tolist() == [0, 1] and (tied.ids == 2).sum() == 10  # ties: first in order wins
-    assert len(label_map(instances(*shape, [(1, a, 0.5), (2, b, 0.4)]), score_threshold=0.45)) == 1
-    dropped = label_map(instances(*shape, [(1, a, 0.9), (2, b, 0.4)]), min_kept_fraction=0.3)
-    assert dropped.source.tolist() == [0] and (dropped.ids > 0).sum() == 50  # its 10 px became background
-    kept = label_map(instances(*shape, [(1, a, 0.9), (2, b, 0.4)]), min_kept_fraction=0.25)
-    assert kept.source.tolist() == [0, 1]
-
-
-def test_truth_overlaps_go_to_the_lower_class() -> None:
-    rows = np.zeros((4, 10, 10), np.int32)
-    rows[0, :5, :5] = 7  # class 1
-    rows[1, 3:8, 3:8] = 8  # class 2, overlapping class 1 on 2×2 px
-    lm = truth_label_map(Instances.from_label_rows(rows))
-    assert lm.classes.tolist() == [1, 2]
-    assert (lm.ids == 1).sum() == 25 and (lm.ids == 2).sum() == 21
-
-
 def test_a_split_of_many_tiles_equals_the_sum_of_its_single_images() -> None:
     """Pooling is what it says: 100 random tiles scored as one split give the per-image mean PQ of the tiles
     scored one by one, and mPQ+ from the class counts pooled over them (a speed budget is the benchmark's job:
@@ -258,79 +223,10 @@ def test_a_split_of_many_tiles_equals_the_sum_of_its_single_images() -> None:
     # even tiles predicted exactly (PQ near 1), odd ones by unrelated discs (PQ near 0)
     preds = [t if i % 2 == 0 else random_discs(rng, 50, size=256) for i, t in enumerate(truths)]
     names = [str(i) for i in range(100)]
-    split = score_split(names, truths, preds, score_threshold=0.2).metrics
+    split = score_split(names, truths, preds, NucleusRule(0.2, DEFAULT_MIN_KEPT_FRACTION)).metrics
     alone = [
-        score_split([n], [t], [p], score_threshold=0.2).metrics
+        score_split([n], [t], [p], NucleusRule(0.2, DEFAULT_MIN_KEPT_FRACTION)).metrics
         for n, t, p in zip(names, truths, preds, strict=True)
     ]
     assert split["pq"] == pytest.approx(np.mean([m["pq"] for m in alone]))
     assert 0.3 < split["pq"] < 0.7
-
-
-# --------------------------------------------------------------------------------- one region per nucleus
-def _pieces(ids: np.ndarray, connectivity: int = 1) -> dict[int, int]:
-    """4-connected pieces (``connectivity=2``: 8-connected) of every id of a label map."""
-    structure = ndimage.generate_binary_structure(2, connectivity)
-    return {int(i): ndimage.label(ids == i, structure=structure)[1] for i in np.unique(ids) if i != 0}
-
-
-def test_a_piece_cut_off_by_a_neighbour_goes_to_the_neighbour_it_touches_most() -> None:
-    shape = (12, 12)
-    low = box(shape, slice(2, 10), slice(0, 12))  # class 2, 0.5: cut in three by the bar
-    bar = box(shape, slice(0, 12), slice(4, 6))  # class 3, 0.9: a vertical bar through it
-    right = box(shape, slice(2, 10), slice(9, 12))  # class 4, 0.7: overlaps low's right part
-    lm = label_map(instances(*shape, [(2, low, 0.5), (3, bar, 0.9), (4, right, 0.7)]))
-    assert lm.source.tolist() == [1, 2, 0]  # ranked: bar (id 1), right (id 2), low (id 3)
-    # low keeps cols 0-3 (32 px) and loses cols 6-8 (24 px), which touch the bar along 8 edges and right
-    # along 8: the tie goes to the higher-ranked bar
-    assert (lm.ids == 3).sum() == 32 and lm.ids[:, :4][2:10].min() == 3
-    assert (lm.ids[2:10, 6:9] == 1).all()
-    assert all(n == 1 for n in _pieces(lm.ids).values())
-    # without the rule, low is in two pieces
-    assert (
-        _pieces(
-            label_map(lm_input := instances(*shape, [(2, low, 0.5), (3, bar, 0.9)]), one_region=False).ids
-        )[2]
-        == 2
-    )
-    assert _pieces(label_map(lm_input).ids) == {1: 1, 2: 1}
-
-
-def test_a_piece_touching_no_other_nucleus_becomes_background() -> None:
-    shape = (10, 10)
-    a = box(shape, slice(0, 10), slice(0, 10))  # class 1, 0.4
-    a[:, 6] = False  # two pieces of its own (cols 0-5 and 7-9), touching nothing else
-    lm = label_map(instances(*shape, [(1, a, 0.4)]))
-    assert (lm.ids == 1).sum() == 60 and (lm.ids[:, 7:] == 0).all()
-    # the largest piece wins, and the kept fraction is not rechecked (60 of 90 px kept)
-    assert len(label_map(instances(*shape, [(1, a, 0.4)]), min_kept_fraction=0.9)) == 1
-
-
-def test_truth_label_maps_keep_their_pieces() -> None:
-    rows = np.zeros((4, 10, 10), np.int32)
-    rows[1, :, :3] = 5
-    rows[1, :, 7:] = 5  # one annotated nucleus in two pieces
-    lm = truth_label_map(Instances.from_label_rows(rows))
-    assert _pieces(lm.ids) == {1: 2}
-
-
-@pytest.mark.skipif(
-    not CONSEP_TRUTH.is_dir(), reason=f"real tiles not available at {CONSEP_TRUTH} (../shared)"
-)
-def test_no_nucleus_in_several_pieces_on_real_tiles() -> None:
-    """Real consep-dev nuclei, jittered into predictions (shifted, grown or shrunk, random scores): higher-scored
-    neighbours cut through lower ones (27 of 160 nuclei in several pieces without the rule); with the rule none
-    is, under 4- or 8-connectivity, and no nucleus is lost."""
-    rng = np.random.default_rng(0)
-    before = after = after8 = total = 0
-    for _, truth in _consep_tiles(8):
-        pred = jitter(truth, rng)
-        raw = label_map(pred, 0.0, 0.5, one_region=False)
-        kept = label_map(pred, 0.0, 0.5)
-        assert np.array_equal(raw.source, kept.source) and ((raw.ids > 0) == (kept.ids > 0)).sum() > 0
-        before += sum(n > 1 for n in _pieces(raw.ids).values())
-        after += sum(n > 1 for n in _pieces(kept.ids).values())
-        after8 += sum(n > 1 for n in _pieces(kept.ids, 2).values())
-        total += len(kept)
-    print(f"multi-piece nuclei: {before}/{total} before, {after} after")
-    assert total > 100 and before > 10 and after == 0 and after8 == 0

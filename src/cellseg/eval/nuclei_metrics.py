@@ -4,28 +4,9 @@ COCO AP (:mod:`cellseg.eval.coco_metrics`) scores a ranked list of overlapping m
 ``stats_utils``, StarDist's ``matching``, the CoNIC challenge) scores **label maps**, where every pixel belongs
 to at most one nucleus. This module holds those metrics and nothing else (no model code).
 
-**From instances to a label map** (:func:`label_map`; every PQ figure of the project goes through it):
-
-1. detections scoring below their class's score threshold are dropped (``score_threshold`` is one value for
-   every class, or one per class: the tune stage's per-class label-score thresholds);
-2. the rest are ranked by score, highest first, ties by their order in the :class:`Instances`;
-3. each pixel goes to the highest-ranked instance covering it, across all classes (one nucleus per pixel);
-4. an instance that keeps less than ``min_kept_fraction`` of its own mask after step 3 is dropped and its
-   remaining pixels become background (they are not handed down to lower-ranked instances: this is what stops
-   slivers and fragments of overlapping detections from counting as nuclei);
-5. **one connected region per nucleus** (``one_region``): a kept instance whose pixels fall into several
-   4-connected pieces (a higher-ranked neighbour cut through it) keeps its largest piece (the first in
-   raster order on a tie); every other piece goes to the kept instance whose largest piece it touches along
-   the most pixel edges (4-neighbours; the higher-ranked one on a tie), which stays connected since the piece
-   touches it, or to the background when it touches none. Applied once, on the state after step 4, so the
-   result has no multi-piece nucleus under 4- or 8-connectivity. The kept fraction of step 4 is not rechecked;
-6. the kept instances are numbered 1..n in rank order; ``classes[i - 1]`` is the class of id ``i``.
-
-Ground truth goes through the same function (:func:`truth_label_map`) with every score 1.0, nothing dropped
-for its kept fraction and no piece moved (the annotation is what it is): where the raw class files overlap (ids
-may collide across classes), the pixel goes to the instance that comes first in
-:meth:`Instances.from_label_rows` order, i.e. the lower class, then the lower id. A truth instance that is
-entirely covered that way vanishes.
+**From instances to a label map**: every figure scores the nuclei of :mod:`cellseg.nuclei`, the project's one
+rule from detections to nuclei (the rule the hard outputs use); ground truth goes through
+:func:`cellseg.nuclei.truth_label_map`. This module only compares label maps.
 
 **Matching**: a true and a predicted nucleus are paired when their IoU is **> 0.5**, which makes the pairing
 unique (two nuclei of one label map cannot both overlap a third by more than half). Class-wise figures compare
@@ -54,15 +35,14 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
-from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from cellseg import NUM_CLASSES
 from cellseg.instances import Instances
+from cellseg.nuclei import LabelMap, NucleusRule, label_map, truth_label_map
 
 MATCH_IOU = 0.5
 """A prediction matches a nucleus when their mask IoU is strictly above this (HoVer-Net's rule: above 0.5 a
@@ -70,130 +50,6 @@ nucleus has at most one match). The one matching threshold of cellseg's own figu
 matrix and the overlays (``coco_metrics.match_instances``). COCO AP and its PR curves are COCOeval's own (≥)."""
 UNDEFINED = -1.0
 """A split figure without any image (or class) to average over, as COCO writes it."""
-DEFAULT_MIN_KEPT_FRACTION = 0.5
-"""The project's default for :func:`label_map`'s ``min_kept_fraction`` (evaluate, training curves, the scorer):
-a detection that lost more than half of its mask to better-scored ones is a duplicate or a fragment. Not tuned."""
-
-
-# ------------------------------------------------------------------------------------------------ label maps
-@dataclass(frozen=True)
-class LabelMap:
-    """One image's nuclei: ``ids`` (H×W int32, 0 = background, 1..n) and ``classes`` (n,) of id ``i`` at ``i - 1``.
-
-    ``source[i - 1]`` is the index in the :class:`Instances` the map was made from.
-    """
-
-    ids: np.ndarray
-    classes: np.ndarray
-    source: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.classes)
-
-
-def score_thresholds(inst: Instances, score_threshold: float | Sequence[float]) -> np.ndarray:
-    """Each instance's label-score threshold: ``score_threshold`` itself, or its class's entry of a sequence of
-    ``NUM_CLASSES`` values (class k at index k - 1)."""
-    if np.ndim(score_threshold) == 0:
-        return np.full(len(inst), float(score_threshold))
-    per_class = np.asarray(score_threshold, dtype=np.float64)
-    if per_class.shape != (NUM_CLASSES,):
-        raise ValueError(f"per-class score thresholds need {NUM_CLASSES} values, got {per_class.tolist()}")
-    return per_class[np.asarray(inst.labels, np.int64) - 1] if len(inst) else np.zeros(0)
-
-
-def label_map(
-    inst: Instances,
-    score_threshold: float | Sequence[float] = 0.0,
-    min_kept_fraction: float = 0.0,
-    one_region: bool = True,
-) -> LabelMap:
-    """The label map of ``inst`` (see the module docstring): linear in image area plus total mask area."""
-    if not 0.0 <= min_kept_fraction <= 1.0:
-        raise ValueError(f"min_kept_fraction must be within [0, 1], got {min_kept_fraction}")
-    candidates = np.flatnonzero(inst.scores >= score_thresholds(inst, score_threshold))
-    ranked = candidates[np.argsort(-inst.scores[candidates], kind="stable")]
-    n_pixels = inst.height * inst.width
-    pixels, ranks = [], []
-    for rank, i in enumerate(ranked):
-        crop, (y0, x0) = inst.crops[i], inst.offsets[i]
-        ys, xs = np.nonzero(crop)
-        pixels.append((ys + y0) * inst.width + xs + x0)
-        ranks.append(np.full(len(ys), rank, np.int64))
-    owner = np.full(n_pixels, len(ranked), np.int64)  # len(ranked) = nobody
-    if pixels:
-        all_pixels, all_ranks = np.concatenate(pixels), np.concatenate(ranks)
-        np.minimum.at(owner, all_pixels, all_ranks)
-        own_area = np.bincount(all_ranks, minlength=len(ranked))
-    else:
-        own_area = np.zeros(0, np.int64)
-    kept_area = np.bincount(owner, minlength=len(ranked) + 1)[: len(ranked)]
-    keep = (kept_area > 0) & (kept_area >= min_kept_fraction * own_area)
-    new_id = np.zeros(len(ranked) + 1, np.int32)  # rank -> id; dropped ranks and "nobody" -> 0
-    new_id[np.flatnonzero(keep)] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    source = ranked[keep]
-    ids = new_id[owner].reshape(inst.height, inst.width)
-    if one_region:
-        ids = one_region_per_id(ids)
-    return LabelMap(ids, inst.labels[source].astype(np.int64), source.astype(np.int64))
-
-
-_CROSS = ndimage.generate_binary_structure(2, 1)  # 4-connectivity
-
-
-def one_region_per_id(ids: np.ndarray) -> np.ndarray:
-    """``ids`` with every id reduced to one 4-connected region (rule 5 of the module docstring).
-
-    Ids are assumed ranked (a lower id wins a tie). Cost: one ``find_objects`` pass plus a labelling of each
-    id's bounding box; the contact counts look only at each cut-off piece's box, one pixel wider.
-    """
-    out = ids.copy()
-    pieces: list[tuple[slice, slice, np.ndarray]] = []  # (box, piece mask in the box), in id order
-    for index, box in enumerate(ndimage.find_objects(ids)):
-        if box is None:
-            continue
-        mask = ids[box] == index + 1
-        regions, n = ndimage.label(mask, structure=_CROSS)
-        if n < 2:
-            continue
-        sizes = np.bincount(regions.ravel())[1:]
-        largest = int(np.argmax(sizes)) + 1  # argmax: the first on a tie
-        for region in range(1, n + 1):
-            if region != largest:
-                piece = regions == region
-                out[box][piece] = 0  # background until a neighbour takes it
-                pieces.append((box, piece))
-    if not pieces:
-        return out
-    trimmed = out.copy()  # every id's largest piece, nothing else: what a cut-off piece may join
-    height, width = ids.shape
-    for box, piece in pieces:
-        y0, x0 = max(box[0].start - 1, 0), max(box[1].start - 1, 0)
-        y1, x1 = min(box[0].stop + 1, height), min(box[1].stop + 1, width)
-        grown = np.zeros((y1 - y0, x1 - x0), bool)
-        grown[box[0].start - y0 : box[0].stop - y0, box[1].start - x0 : box[1].stop - x0] = piece
-        window = trimmed[y0:y1, x0:x1]
-        # every pixel edge from the piece to a neighbour pixel: the neighbour's id, once per edge
-        touching = [
-            window[1:, :][grown[:-1, :] & ~grown[1:, :]],
-            window[:-1, :][grown[1:, :] & ~grown[:-1, :]],
-            window[:, 1:][grown[:, :-1] & ~grown[:, 1:]],
-            window[:, :-1][grown[:, 1:] & ~grown[:, :-1]],
-        ]
-        neighbours = np.concatenate(touching)
-        neighbours = neighbours[neighbours > 0]
-        if len(neighbours):
-            counts = np.bincount(neighbours)
-            out[box][piece] = int(np.argmax(counts))  # most edges; the lowest id (highest rank) on a tie
-    return out
-
-
-def truth_label_map(inst: Instances) -> LabelMap:
-    """Ground truth as a label map: overlaps go to the first instance (lower class, then lower id)."""
-    ordered = Instances(
-        inst.height, inst.width, inst.labels, np.ones(len(inst), np.float32), inst.offsets, inst.crops
-    )
-    return label_map(ordered, score_threshold=0.0, min_kept_fraction=0.0, one_region=False)
 
 
 # ------------------------------------------------------------------------------------------------- overlaps
@@ -452,10 +308,9 @@ def score_split(
     names: list[str],
     ground_truth: list[Instances],
     predictions: list[Instances],
-    score_threshold: float | Sequence[float],
-    min_kept_fraction: float = DEFAULT_MIN_KEPT_FRACTION,
+    rule: NucleusRule,
 ) -> SplitScores:
-    """Every image's truth and predictions as label maps (:func:`label_map`), scored."""
+    """Every image's truth and predictions as label maps (the predictions' nuclei by ``rule``), scored."""
     if not len(names) == len(ground_truth) == len(predictions):
         raise ValueError(f"{len(names)} names, {len(ground_truth)} truths, {len(predictions)} predictions")
     images = []
@@ -464,5 +319,5 @@ def score_split(
             raise ValueError(
                 f"image size {gt.height}x{gt.width} but predictions for {pred.height}x{pred.width}"
             )
-        images.append(score_image(truth_label_map(gt), label_map(pred, score_threshold, min_kept_fraction)))
+        images.append(score_image(truth_label_map(gt), label_map(pred, rule)))
     return SplitScores(list(names), images)

@@ -20,6 +20,7 @@ from cellseg.data.io import DataFormatError, load_npz
 from cellseg.eval.coco_metrics import Evaluation, evaluate
 from cellseg.eval.nuclei_metrics import SplitScores, score_split
 from cellseg.instances import Instances
+from cellseg.nuclei import NucleusRule
 from cellseg.params import PredictParams
 
 
@@ -68,10 +69,4 @@ def score_predictions(
 def nuclei_scores(scored: ScoredSplit, params: PredictParams) -> SplitScores:
     """PQ, mPQ⁺, AJI, DICE2, F1 … of a scored split (:mod:`cellseg.eval.nuclei_metrics`), on label maps at
     ``params.label_thresholds`` (the tuned ones, where the caller applied ``models/thresholds.json``)."""
-    return score_split(
-        scored.names,
-        scored.ground_truth,
-        scored.predictions,
-        params.label_thresholds,
-        params.min_kept_fraction,
-    )
+    return score_split(scored.names, scored.ground_truth, scored.predictions, NucleusRule.of(params))

@@ -29,9 +29,10 @@ from pycocotools import mask as mask_utils
 from cellseg import CLASS_NAMES, NUM_CLASSES, CellsegError
 from cellseg.data.io import CLASS_FILES, TestEntry, read_label, read_test_mapping
 from cellseg.eval.coco_metrics import LEADERBOARD_MAX_DETECTIONS, evaluate
-from cellseg.eval.nuclei_metrics import DEFAULT_MIN_KEPT_FRACTION, SplitScores, per_image_csv, score_split
-from cellseg.infer.submit import RESULTS_FILE
+from cellseg.eval.nuclei_metrics import SplitScores, per_image_csv, score_split
 from cellseg.instances import Instances, crop_to_box
+from cellseg.nuclei import DEFAULT_MIN_KEPT_FRACTION, NucleusRule
+from cellseg.outputs.coco import RESULTS_FILE
 from cellseg.rle import decode
 
 DEFAULT_SCORE_THRESHOLD = 0.5
@@ -241,7 +242,7 @@ def score_results(
     # a dense cap above every image's count, so that per-class AP50 drops nothing; the totals are at 100
     dense = max([LEADERBOARD_MAX_DETECTIONS + 1] + [len(p) + 1 for p in predictions])
     coco = evaluate(truths, predictions, max_detections=dense).metrics
-    nuclei = score_split(names, truths, predictions, score_threshold, min_kept_fraction)
+    nuclei = score_split(names, truths, predictions, NucleusRule(score_threshold, min_kept_fraction))
     metrics = {
         "ap50_at_100": coco["map_50_at_100"],
         "ap": coco["map_at_100"],
@@ -277,7 +278,7 @@ def _thresholds_text(value) -> str:
 
 def thresholds_from_file(path: Path) -> float | tuple[float, ...]:
     """The label-score threshold(s) a tune stage's ``thresholds.json`` gives label maps."""
-    from cellseg.infer.thresholds import PER_CLASS_KEY, _per_class, _read_thresholds
+    from cellseg.model.thresholds import PER_CLASS_KEY, _per_class, _read_thresholds
 
     stored = _read_thresholds(path)
     try:

@@ -13,7 +13,7 @@ the heads, every value of ``tune.peak_grid`` is tried on the same predictions (t
 mask threshold; only the cheap steps rerun) and the best (score, mask, peak) triple is kept.
 
 ``evaluate``, ``submit`` and ``cellseg predict`` then read ``models/thresholds.json`` through
-:mod:`cellseg.infer.thresholds`:
+:mod:`cellseg.model.thresholds`:
 
 - ``mask_threshold`` applies everywhere (the masks of the COCO results too);
 - ``label_score_threshold`` applies to label maps and PQ-type figures; COCO results keep every detection above
@@ -50,9 +50,10 @@ from cellseg.eval.score_model import load_labelled
 from cellseg.infer.detect import detect_image, postprocess
 from cellseg.infer.postproc import refine
 from cellseg.infer.predict import predict_image
-from cellseg.infer.thresholds import PEAK_KEY, PER_CLASS_KEY, TUNED_KEYS, per_class_entry, untuned
 from cellseg.instances import Instances
 from cellseg.model.maskrcnn import CellMaskRCNN
+from cellseg.model.thresholds import PEAK_KEY, PER_CLASS_KEY, TUNED_KEYS, per_class_entry, untuned
+from cellseg.nuclei import NucleusRule
 from cellseg.params import PostprocParams, PredictParams, TuneParams, replace
 
 
@@ -89,9 +90,8 @@ def tune_thresholds(
     def score_all(predictions: list[Instances], mask_threshold: float, peak: float | None) -> None:
         kept[(mask_threshold, peak)] = predictions
         for score_threshold in tune.score_grid:
-            metrics = score_split(
-                names, truths, predictions, score_threshold, params.min_kept_fraction
-            ).metrics
+            rule = NucleusRule(score_threshold, params.min_kept_fraction)
+            metrics = score_split(names, truths, predictions, rule).metrics
             row = {"label_score_threshold": score_threshold, "mask_threshold": mask_threshold}
             if peak is not None:
                 row[PEAK_KEY] = peak
@@ -138,7 +138,7 @@ def tune_per_class(
     global and at the per-class thresholds."""
 
     def metrics(thresholds: list[float]) -> dict:
-        return score_split(names, truths, predictions, thresholds, params.min_kept_fraction).metrics
+        return score_split(names, truths, predictions, NucleusRule(tuple(thresholds), params.min_kept_fraction)).metrics
 
     present = {k for k in range(1, NUM_CLASSES + 1) if any((gt.labels == k).any() for gt in truths)}
     chosen = [global_threshold] * NUM_CLASSES

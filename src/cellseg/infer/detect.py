@@ -27,6 +27,7 @@ from cellseg.infer.tiling import merge_tiles, tile_windows
 from cellseg.infer.tta import detect_with_flips
 from cellseg.instances import Instances
 from cellseg.model.maskrcnn import CellMaskRCNN
+from cellseg.nuclei import resolve_overlaps
 from cellseg.params import PredictParams
 
 
@@ -97,22 +98,9 @@ def detect_batch(
     return out
 
 
-def resolve_overlaps(inst: Instances) -> Instances:
-    """Give each pixel claimed by several instances to the highest-scoring one; drop instances left empty."""
-    owner = np.full((inst.height, inst.width), -1, np.int64)
-    for i in np.argsort(inst.scores, kind="stable"):  # ascending: higher scores paint last and win
-        (y0, x0), crop = inst.offsets[i], inst.crops[i]
-        region = owner[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]]
-        region[crop] = i
-    crops = []
-    for i, ((y0, x0), crop) in enumerate(zip(inst.offsets, inst.crops, strict=True)):
-        crops.append(crop & (owner[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]] == i))
-    resolved = Instances(inst.height, inst.width, inst.labels, inst.scores, inst.offsets, crops)
-    return resolved.select(np.array([c.any() for c in crops], bool))
-
-
 def postprocess(inst: Instances, params: PredictParams) -> Instances:
-    """Score threshold, per-image cap (highest scores kept) and optional overlap resolution."""
+    """Score threshold, per-image cap (highest scores kept) and optional overlap resolution (the contested-pixel
+    rule of :mod:`cellseg.nuclei`, for outputs that keep detections rather than nuclei: COCO results)."""
     keep = np.flatnonzero(inst.scores >= params.score_threshold)
     keep = keep[np.argsort(-inst.scores[keep], kind="stable")][: params.max_per_image]
     inst = inst.select(keep)
@@ -142,8 +130,6 @@ def detect_image(
     tile_maps = [(maps, w.y0, w.x0) for (_, maps), w in zip(found, windows, strict=True)]
     maps = stitch_maps(tile_maps, height, width) if tile_maps[0][0] is not None else None
     return merge_tiles([inst for inst, _ in found], windows, height, width), maps
-
-
 
 
 def detect_and_select(
