@@ -1,6 +1,7 @@
 """Stage `evaluate`: the best checkpoint on the validation split -> COCO predictions, metrics/eval.json, plots.
 
-The tune stage's thresholds file gives the score, mask and centre-peak thresholds (``cellseg.infer.thresholds``).
+The model opens with the tune stage's thresholds file (``cellseg.model.bundle``): score, mask and centre-peak
+thresholds.
 
 Usage: python stages/evaluate.py <checkpoint> <thresholds_json> <val_dir> <predictions_dir> <metrics_json>
        <plots_dir> [<per_image_csv>] [--maps <maps_val_dir>]
@@ -12,7 +13,7 @@ from pathlib import Path
 from cellseg.device import select_device
 from cellseg.entry import run
 from cellseg.eval.report import EvalPaths, evaluate_checkpoint, summary
-from cellseg.infer.thresholds import tuned_postproc_params, tuned_predict_params
+from cellseg.model.bundle import open_model
 from cellseg.params import load_params, replace
 
 
@@ -45,11 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     params = load_params()
-    params = replace(
-        params,
-        predict=tuned_predict_params(params.predict, args.thresholds),
-        postproc=tuned_postproc_params(params.postproc, args.thresholds),
-    )
+    device = select_device(params.predict.device, "predict.device")
+    model = open_model(args.checkpoint, params, device, args.thresholds)
+    params = replace(params, predict=model.predict, postproc=model.postproc)
     paths = EvalPaths(
         args.checkpoint,
         args.val_dir,
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         args.per_image_csv,
         args.maps,
     )
-    print(summary(evaluate_checkpoint(paths, params, select_device(params.predict.device, "predict.device"))))
+    print(summary(evaluate_checkpoint(paths, params, device, model)))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """Stage `submit`: the checkpoint predicts every prepared test image -> test-results.json and submission.zip.
 
 provenance.json beside them records the checkpoint's sha256, its training params, the cellseg version and the
-inference settings (``cellseg.provenance``).
+inference settings (``ModelBundle.provenance``).
 
-The tune stage's thresholds file gives the mask and centre-peak thresholds (``cellseg.infer.thresholds``); COCO
-results keep every detection above ``predict.score_threshold``.
+The model opens with the tune stage's thresholds file (``cellseg.model.bundle``), which gives the mask and
+centre-peak thresholds; COCO results keep every detection above ``predict.score_threshold``.
 
 Usage: python stages/submit.py <checkpoint> <thresholds_json> <prepared_test_dir> <out_dir>
 """
@@ -15,10 +15,8 @@ import json
 from cellseg.device import select_device
 from cellseg.entry import run
 from cellseg.infer.submit import submit
-from cellseg.infer.thresholds import tuned_postproc_params, tuned_predict_params
-from cellseg.model.checkpoint import load_trained_model
-from cellseg.params import as_dict, load_params
-from cellseg.provenance import provenance
+from cellseg.model.bundle import open_model
+from cellseg.params import load_params
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,16 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params()
     device = select_device(params.predict.device, "predict.device")
-    model, state = load_trained_model(args.checkpoint, device)
-    predict = tuned_predict_params(params.predict, args.thresholds)
-    postproc = tuned_postproc_params(params.postproc, args.thresholds)
-    record = {
-        **provenance(args.checkpoint, state),
-        "thresholds": args.thresholds,
-        "predict": as_dict(predict),
-        "postproc": as_dict(postproc),
-    }
-    summary = submit(model, args.test_dir, args.out_dir, predict, device, postproc, record)
+    model = open_model(args.checkpoint, params, device, args.thresholds)
+    summary = submit(
+        model.network, args.test_dir, args.out_dir, model.predict, device, model.postproc, model.provenance()
+    )
     print(json.dumps(summary, indent=2))
 
 

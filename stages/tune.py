@@ -15,7 +15,7 @@ from cellseg.device import select_device
 from cellseg.entry import run
 from cellseg.eval.tune import tune_thresholds
 from cellseg.fsutil import write_json
-from cellseg.model.checkpoint import load_trained_model
+from cellseg.model.bundle import open_model
 from cellseg.params import load_params
 
 
@@ -27,9 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params()
     device = select_device(params.predict.device, "predict.device")
-    model, _ = load_trained_model(args.checkpoint, device)
+    model = open_model(args.checkpoint, params, device, thresholds=None)  # params.yaml's: it tunes them
     thresholds = tune_thresholds(
-        model, list_samples(args.val_dir), params.predict, params.tune, device, params.postproc
+        model.network, list_samples(args.val_dir), model.predict, params.tune, device, model.postproc
     )
     write_json(args.thresholds_json, thresholds)
     print(json.dumps({k: v for k, v in thresholds.items() if k != "tried"}, indent=2))

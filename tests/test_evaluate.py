@@ -31,9 +31,9 @@ from cellseg.eval.score_model import load_labelled, score_predictions
 from cellseg.fsutil import write_json
 from cellseg.infer.predict import predict_image
 from cellseg.infer.prob_maps import ProbMaps
-from cellseg.infer.thresholds import untuned
 from cellseg.instances import Instances
 from cellseg.model.checkpoint import load_trained_model
+from cellseg.model.thresholds import untuned
 from cellseg.rle import decode, to_coco_ground_truth
 from conftest import ROOT, tiny_params
 

@@ -19,7 +19,7 @@ import yaml
 import cellseg
 from cellseg.data.prepare import prepare_dataset
 from cellseg.fsutil import write_json
-from cellseg.infer.thresholds import untuned
+from cellseg.model.bundle import open_model
 from cellseg.model.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -37,6 +37,7 @@ from cellseg.model.safe_load import (
 from cellseg.model.safe_load import (
     main as convert_main,
 )
+from cellseg.model.thresholds import untuned
 from cellseg.provenance import provenance, sha256_file
 from conftest import ROOT, make_raw_dataset, tiny_params
 
@@ -79,6 +80,7 @@ def test_every_reader_refuses_it_and_runs_nothing(tmp_path: Path, legacy: bool) 
         "read_checkpoint": lambda: read_checkpoint(path),
         "load_matching_weights": lambda: load_matching_weights(build_model(params.model, params.aux), path),
         "convert": lambda: convert_numpy_file(path, tmp_path / "new.pt"),
+        "open_model": lambda: open_model(path, params, CPU),  # every command that predicts opens it so
     }
     for name, read in readers.items():
         with pytest.raises(UnsafeModelFileError) as err:
@@ -89,6 +91,27 @@ def test_every_reader_refuses_it_and_runs_nothing(tmp_path: Path, legacy: bool) 
         assert "never runs code from a model file" in message, name
     assert not marker.exists()
     assert not (tmp_path / "new.pt").exists()
+
+
+@pytest.mark.parametrize("verb", ["predict", "slide"])
+def test_every_command_refuses_it_in_one_line(verb: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    """``cellseg predict`` and ``cellseg slide`` given the crafted file: one ``error:`` line, nothing run or
+    written (the stages open their model the same way, through :func:`open_model`)."""
+    from cellseg.cli import main
+
+    marker = tmp_path / "ran"
+    path = malicious_checkpoint(tmp_path / "m.pt", marker)
+    (tmp_path / "in").mkdir()
+    monkeypatch.chdir(ROOT)  # params.yaml
+    args = {
+        "predict": [str(path), str(tmp_path / "in"), str(tmp_path / "out")],
+        "slide": [str(path), str(tmp_path / "in" / "s.tif"), "--out", str(tmp_path / "out")],
+    }[verb]
+    with pytest.raises(SystemExit) as exit_:
+        main([verb, *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 and len(err) == 1 and err[0].startswith(f"error: {path}: refused"), err
+    assert not marker.exists() and not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------------- what is saved

@@ -19,7 +19,9 @@ from cellseg.eval.score_model import load_labelled
 from cellseg.eval.tune import tune_thresholds
 from cellseg.fsutil import write_json
 from cellseg.infer.predict import predict_image
-from cellseg.infer.thresholds import tuned_postproc_params, tuned_predict_params, untuned
+from cellseg.model import bundle
+from cellseg.model.thresholds import tuned_postproc_params, tuned_predict_params, untuned
+from cellseg.nuclei import DEFAULT_MIN_KEPT_FRACTION, NucleusRule, label_map
 from conftest import ROOT, disk_labels, tiny_params
 from test_predict import Oracle, paint_cells
 
@@ -180,7 +182,10 @@ def test_the_tuned_file_reproduces_its_validation_pq(tmp_path: Path) -> None:
     samples = [load_labelled(f) for f in files]
     predictions = [predict_image(model, image, run, "cpu", steps) for image, _ in samples]
     scores = score_split(
-        [f.stem for f in files], [gt for _, gt in samples], predictions, run.label_score_threshold
+        [f.stem for f in files],
+        [gt for _, gt in samples],
+        predictions,
+        NucleusRule(run.label_score_threshold, DEFAULT_MIN_KEPT_FRACTION),
     )
     assert scores.metrics["pq"] == pytest.approx(json.loads(path.read_text())["val_pq"])
 
@@ -261,11 +266,11 @@ def test_every_stage_uses_the_stored_peak_threshold(tmp_path: Path, monkeypatch,
     write_json(tmp_path / "thresholds.json", {**untuned(params.predict), "peak_threshold": 0.2})
     got = {}
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(stage, "load_trained_model", lambda *a: (object(), None), raising=False)
-    monkeypatch.setattr(stage, "provenance", lambda *a: {}, raising=False)  # no checkpoint file here
+    monkeypatch.setattr(bundle, "load_trained_model", lambda *a: (object(), {}))
+    monkeypatch.setattr(bundle, "provenance", lambda *a: {})  # no checkpoint file here
     if name == "evaluate":
         monkeypatch.setattr(
-            stage, "evaluate_checkpoint", lambda paths, p, device: got.update(postproc=p.postproc)
+            stage, "evaluate_checkpoint", lambda paths, p, device, model: got.update(postproc=p.postproc)
         )
         monkeypatch.setattr(stage, "summary", lambda metrics: "")
         stage.main(["best.pt", "thresholds.json", "val", "pred", "eval.json", "plots"])
@@ -321,7 +326,10 @@ def test_tuning_stores_per_class_thresholds_and_an_empty_grid_turns_them_off(tmp
     files = _val_split(tmp_path / "val")
     grid = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
     params = tiny_params(
-        tune__score_grid=[0.3, 0.45, 0.95], tune__mask_grid=[0.5], tune__class_score_grid=grid, predict__tile_size=1024
+        tune__score_grid=[0.3, 0.45, 0.95],
+        tune__mask_grid=[0.5],
+        tune__class_score_grid=grid,
+        predict__tile_size=1024,
     )
     tuned = tune_thresholds(LowScoreOracle(), files, params.predict, params.tune, torch.device("cpu"))
     per_class = tuned["label_score_threshold_per_class"]
@@ -354,14 +362,14 @@ def test_stages_read_per_class_thresholds_and_old_files_keep_the_params(tmp_path
 
 
 def test_label_maps_apply_per_class_thresholds() -> None:
-    from cellseg.eval.nuclei_metrics import label_map
-    from cellseg.infer.folder import label_maps
+    from cellseg.nuclei import nuclei
+    from cellseg.outputs.label_tifs import class_label_maps
 
     size = 40
     pred = _instances(size, [(1, _square(size, 2, 2), 0.15), (2, _square(size, 2, 20), 0.4)])
-    assert len(label_map(pred, 0.3)) == 1
-    assert label_map(pred, (0.1, 0.5, 0.5, 0.5)).classes.tolist() == [1]
+    assert len(label_map(pred, NucleusRule(0.3))) == 1
+    assert label_map(pred, NucleusRule((0.1, 0.5, 0.5, 0.5))).classes.tolist() == [1]
     params = tiny_params(predict__class_score_thresholds=[0.1, 0.3, 0.5, 0.5], predict__min_kept_fraction=0.0)
-    assert sorted(label_maps(pred, params.predict)) == [1, 2]
+    assert sorted(class_label_maps(nuclei(pred, NucleusRule.of(params.predict)))) == [1, 2]
     with pytest.raises(ValueError, match="4 values"):
-        label_map(pred, (0.1, 0.2))
+        label_map(pred, NucleusRule((0.1, 0.2)))

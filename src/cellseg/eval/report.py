@@ -38,7 +38,7 @@ from cellseg.eval.score_model import ScoredSplit, nuclei_scores, score_files
 from cellseg.fsutil import atomic_dir, atomic_file, write_json
 from cellseg.infer.predict import predict_image, predict_image_maps
 from cellseg.infer.prob_maps import ProbMaps
-from cellseg.model.checkpoint import load_trained_model
+from cellseg.model.bundle import ModelBundle, open_model
 from cellseg.params import Params
 from cellseg.rle import to_coco_results
 
@@ -206,10 +206,17 @@ def _rank_text(nuclei: SplitScores, i: int, rank: int) -> str:
     return f"{quality} (worst {rank} of {len(nuclei.names)} by PQ)"
 
 
-def evaluate_checkpoint(paths: EvalPaths, params: Params, device: torch.device) -> dict:
-    """The ``evaluate`` stage: predict the validation split with the checkpoint, score it, write every output."""
+def evaluate_checkpoint(
+    paths: EvalPaths, params: Params, device: torch.device, bundle: ModelBundle | None = None
+) -> dict:
+    """The ``evaluate`` stage: predict the validation split with the checkpoint, score it, write every output.
+
+    ``bundle``: the checkpoint already opened (with its tuned thresholds, which ``params`` then carry); by
+    default it is opened here with ``params``' own thresholds."""
     files = list_samples(paths.val_dir)
-    model, state = load_trained_model(paths.checkpoint, device)
+    if bundle is None:
+        bundle = open_model(paths.checkpoint, params, device, thresholds=None)
+    model, state = bundle.network, bundle.state
     scored = score_files(
         lambda image: predict_image(model, image, params.predict, device, params.postproc),
         files,

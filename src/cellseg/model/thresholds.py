@@ -4,9 +4,10 @@
 which every label map then applies (a class the entry does not name keeps ``label_score_threshold``); a file
 without the entry, written before per-class tuning, keeps the params' own ``class_score_thresholds``.
 
-Every entry point that makes hard outputs (``evaluate``, ``submit``, ``cellseg predict``) reads the file through
-:func:`tuned_predict_params` and :func:`tuned_postproc_params`; apart from the tuning, so that applying the
-thresholds does not depend on the scoring code.
+The thresholds live with the model (StarDist's way): :func:`cellseg.model.bundle.open_model` applies them when
+it opens a checkpoint, for every entry point that makes hard outputs (``evaluate``, ``submit``,
+``cellseg predict``, ``cellseg slide``); apart from the tuning, so that applying them does not depend on the
+scoring code. ``thresholds_beside`` finds the file next to a checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ THRESHOLDS_FILE = "thresholds.json"
 TUNED_KEYS = ("label_score_threshold", "mask_threshold")
 PEAK_KEY = "peak_threshold"  # postproc.peak_threshold: stored always, tuned only with a step on and heads
 PER_CLASS_KEY = "label_score_threshold_per_class"  # {"1": t1, ..., "4": t4}: predict.class_score_thresholds
+
+
+def thresholds_beside(checkpoint: str | Path) -> Path | None:
+    """``thresholds.json`` next to ``checkpoint``, or ``None`` when there is none."""
+    path = Path(checkpoint).parent / THRESHOLDS_FILE
+    return path if path.is_file() else None
 
 
 def untuned(params: PredictParams, postproc: PostprocParams | None = None) -> dict:

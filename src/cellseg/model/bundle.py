@@ -1,0 +1,112 @@
+"""A trained model as one object: the network, its tuned thresholds, its training params and its provenance.
+
+StarDist keeps ``thresholds.json`` in the model folder and loads it with the weights; so does cellseg. Every
+command that predicts opens its model with :func:`open_model` and gets, from one place, what decides its
+outputs: the network (its own architecture, from the checkpoint), ``predict.*`` and ``postproc.*`` of
+params.yaml with the tuned thresholds applied, the rule from detections to nuclei they imply, the resolution and
+classes it was trained with, and the provenance record written beside every result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cellseg import CLASS_NAMES
+from cellseg.model.checkpoint import load_trained_model
+from cellseg.model.maskrcnn import CellMaskRCNN
+from cellseg.model.thresholds import thresholds_beside, tuned_postproc_params, tuned_predict_params
+from cellseg.nuclei import NucleusRule
+from cellseg.params import Params, PostprocParams, PredictParams, as_dict
+from cellseg.provenance import provenance
+
+BESIDE = "beside"
+"""``open_model(thresholds=BESIDE)``: ``thresholds.json`` next to the checkpoint when there is one."""
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A checkpoint opened for inference, with the settings that decide its outputs."""
+
+    network: CellMaskRCNN
+    checkpoint: Path
+    state: dict  # the checkpoint's contents (training params, epoch, ...)
+    predict: PredictParams  # params.yaml's, with the tuned thresholds
+    postproc: PostprocParams
+    thresholds_file: Path | None  # where the tuned thresholds came from (None: params.yaml's own)
+    data_mpp: float  # params.yaml's data.mpp: the resolution assumed for a checkpoint that records none
+
+    @property
+    def rule(self) -> NucleusRule:
+        """How this model's detections become nuclei (:mod:`cellseg.nuclei`)."""
+        return NucleusRule.of(self.predict)
+
+    @property
+    def trained_params(self) -> dict:
+        return self.state.get("params") or {}
+
+    @property
+    def records_mpp(self) -> bool:
+        """Whether the checkpoint records its training resolution (older ones do not)."""
+        return self.trained_params.get("data", {}).get("mpp") is not None
+
+    @property
+    def mpp(self) -> float:
+        """The resolution the model was trained at (``data.mpp`` saved in the checkpoint), in µm/px; params.yaml's
+        for a checkpoint older than the setting (:attr:`records_mpp`: the commands that rescale warn)."""
+        return float(self.trained_params["data"]["mpp"] if self.records_mpp else self.data_mpp)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return CLASS_NAMES
+
+    def provenance(self, **settings) -> dict:
+        """The record written beside a result: the checkpoint (path, sha256, size, epochs, training params),
+        the cellseg version, the thresholds file and the inference settings, plus ``settings``."""
+        return {
+            **provenance(self.checkpoint, self.state),
+            "thresholds": str(self.thresholds_file) if self.thresholds_file else None,
+            "predict": as_dict(self.predict),
+            "postproc": as_dict(self.postproc),
+            **settings,
+        }
+
+    def describe_thresholds(self) -> str:
+        """One line: the thresholds in use and where they came from."""
+        per_class = self.predict.class_score_thresholds
+        scores = f"per class {per_class}" if per_class else str(self.predict.label_score_threshold)
+        peaks = f", centre peaks > {self.postproc.peak_threshold}" if self.postproc.any_step else ""
+        return (
+            f"thresholds: score >= {scores}, mask > {self.predict.mask_threshold}{peaks} "
+            f"({self.thresholds_file or 'params.yaml'})"
+        )
+
+
+def open_model(
+    checkpoint: str | Path,
+    params: Params,
+    device: torch.device | str = "cpu",
+    thresholds: str | Path | None = BESIDE,
+) -> ModelBundle:
+    """Open ``checkpoint`` for inference on ``device`` with ``params`` (params.yaml).
+
+    ``thresholds``: :data:`BESIDE` (the default) takes ``thresholds.json`` next to the checkpoint when there is
+    one; a path must be a thresholds file; ``None`` keeps params.yaml's own values (the tune stage, which writes
+    them). A checkpoint that is not a cellseg model, or unsafe to load, is an error before any other work.
+    """
+    checkpoint = Path(checkpoint)
+    network, state = load_trained_model(checkpoint, torch.device(device))
+    if thresholds == BESIDE:
+        thresholds = thresholds_beside(checkpoint)
+    path = Path(thresholds) if thresholds is not None else None
+    return ModelBundle(
+        network,
+        checkpoint,
+        state,
+        tuned_predict_params(params.predict, path),
+        tuned_postproc_params(params.postproc, path),
+        path,
+        params.data.mpp,
+    )
