@@ -13,8 +13,8 @@ import pytest
 import cellseg.eval.score_results as score_module
 from cellseg.data.io import write_label_tif
 from cellseg.eval.score_results import ResultsError, main, read_results, read_truth, score_results
-from cellseg.infer.submit import RESULTS_FILE
 from cellseg.instances import Instances
+from cellseg.outputs.coco import RESULTS_FILE
 from cellseg.rle import to_coco_results
 from conftest import ROOT, disk_labels
 

@@ -23,13 +23,23 @@ from pycocotools.coco import COCO
 import cellseg
 from cellseg.data.io import DataFormatError, read_label, read_test_mapping, save_test_npz, write_image_tif
 from cellseg.fsutil import write_json
-from cellseg.infer.folder import label_maps, list_images, predict_folder, read_any_image
-from cellseg.infer.submit import RESULTS_FILE, ZIP_FILE, load_test_images, submit, write_submission
-from cellseg.infer.thresholds import untuned
+from cellseg.infer.folder import list_images, predict_folder, read_any_image
+from cellseg.infer.submit import TestImage as _TestImage
+from cellseg.infer.submit import load_test_images, submit, write_submission
 from cellseg.instances import Instances
+from cellseg.model.thresholds import untuned
+from cellseg.nuclei import NucleusRule, nuclei
+from cellseg.outputs.coco import RESULTS_FILE, ZIP_FILE
+from cellseg.outputs.label_tifs import class_label_maps
 from cellseg.provenance import PROVENANCE_FILE
 from cellseg.rle import decode, encode_mask
 from conftest import ROOT, tiny_params
+
+
+def label_maps(inst: Instances, params) -> dict[int, np.ndarray]:
+    """What `cellseg predict` writes for ``inst``: the nuclei by the params' rule, as per-class label maps."""
+    return class_label_maps(nuclei(inst, NucleusRule.of(params)))
+
 
 CPU = torch.device("cpu")
 
@@ -158,12 +168,23 @@ def test_duplicate_image_ids_are_an_error(tmp_path: Path) -> None:
         load_test_images(tmp_path)
 
 
+def _one_detection(image_id: int) -> tuple[_TestImage, Instances]:
+    crop = np.ones((2, 2), bool)
+    inst = Instances(4, 4, np.array([2]), np.array([0.9], np.float32), np.array([[1, 1]]), [crop])
+    return _TestImage(Path(f"{image_id}.npz"), np.zeros((4, 4, 3), np.uint8), image_id), inst
+
+
 def test_a_failed_write_leaves_the_previous_submission(tmp_path: Path) -> None:
     out = tmp_path / "submission"
-    write_submission([{"image_id": 1}], out)
-    with pytest.raises(TypeError):
-        write_submission([{"image_id": object()}], out)
-    assert json.loads((out / RESULTS_FILE).read_text()) == [{"image_id": 1}]
+    write_submission([_one_detection(1)], out)
+
+    def failing():
+        yield _one_detection(2)
+        raise RuntimeError("the model failed on the second image")
+
+    with pytest.raises(RuntimeError):
+        write_submission(failing(), out)
+    assert [row["image_id"] for row in json.loads((out / RESULTS_FILE).read_text())] == [1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["submission"]
 
 
@@ -337,18 +358,12 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
 def test_the_same_results_give_a_byte_identical_zip(tmp_path: Path) -> None:
     """The zip carries no write time, so rerunning the submit stage on the same predictions leaves its DVC
     output unchanged."""
-    rows = [
-        {
-            "image_id": 1,
-            "category_id": 2,
-            "segmentation": {"size": [4, 4], "counts": "04"},
-            "score": 0.9,
-            "bbox": [0.0, 0.0, 1.0, 1.0],
-        }
-    ]
+    rows = [_one_detection(3), _one_detection(1)]
     first = write_submission(rows, tmp_path / "a").read_bytes()
     time.sleep(2.1)  # zip times have a 2-second resolution
     second = write_submission(rows, tmp_path / "b").read_bytes()
     assert first == second
     with zipfile.ZipFile(tmp_path / "a" / ZIP_FILE) as archive:
-        assert json.loads(archive.read(RESULTS_FILE)) == rows
+        results = json.loads(archive.read(RESULTS_FILE))
+    assert [r["image_id"] for r in results] == [1, 3]  # image_id order, whatever the order of prediction
+    assert results[0]["bbox"] == [1.0, 1.0, 2.0, 2.0] and results[0]["category_id"] == 2

@@ -5,12 +5,13 @@ class4.tif``: float64 label images in which each non-zero value is one instance,
 the classes of the image (class1 holds the first ids), as in the raw training data. A class without instances
 has no file. Predictions therefore open with the same readers and viewers as the annotations.
 
-The files hold one nucleus per pixel across all classes, with the tuned thresholds (see :func:`label_maps`).
+The files hold the model's nuclei (:mod:`cellseg.nuclei`: one nucleus per pixel across all classes, the tuned
+thresholds), written by the ``tifs`` output format (:mod:`cellseg.outputs.label_tifs`).
 
 On request (``maps_format``), a model with auxiliary heads also writes its centre and boundary probabilities
 beside the label maps: ``center.png`` and ``boundary.png`` (8-bit, 255 = 1.0) or ``maps.npz`` (float32).
 
-``<out>/provenance.json`` (:mod:`cellseg.provenance`, when given) records the model and settings of the latest
+``<out>/provenance.json`` (:meth:`cellseg.model.bundle.ModelBundle.provenance`, when given) records the model and settings of the latest
 run into ``<out>`` and the images it predicted. It is written before the first image folder, so every folder a
 run writes is described by it.
 """
@@ -28,18 +29,18 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from cellseg import NUM_CLASSES, CellsegError
-from cellseg.data.io import CLASS_FILES, DataFormatError, read_image, to_rgb8, visible_files, write_label_tif
+from cellseg.data.io import DataFormatError, read_image, to_rgb8, visible_files
 from cellseg.device import select_device
-from cellseg.eval.nuclei_metrics import label_map
-from cellseg.fsutil import atomic_dir, save_npz, write_json
+from cellseg.fsutil import save_npz, write_json
 from cellseg.infer.predict import predict_images_maps
 from cellseg.infer.prob_maps import ProbMaps
-from cellseg.infer.thresholds import THRESHOLDS_FILE, tuned_postproc_params, tuned_predict_params
-from cellseg.instances import Instances
-from cellseg.model.checkpoint import load_trained_model
+from cellseg.model.bundle import BESIDE, open_model
 from cellseg.model.maskrcnn import CellMaskRCNN
-from cellseg.params import PostprocParams, PredictParams, as_dict, load_params
-from cellseg.provenance import PROVENANCE_FILE, provenance
+from cellseg.nuclei import NucleusRule, nuclei
+from cellseg.outputs import Nuclei, SinkContext, open_sinks
+from cellseg.outputs.base import TempOutput
+from cellseg.params import PostprocParams, PredictParams, load_params
+from cellseg.provenance import PROVENANCE_FILE
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 _PIL_MODES = ("L", "RGB", "RGBA", "I;16", "I;16L", "I;16B", "I", "F")  # read as arrays, not converted
@@ -85,45 +86,9 @@ def read_any_image(path: Path) -> np.ndarray:
     return to_rgb8(array, path)
 
 
-def label_maps(inst: Instances, params: PredictParams) -> dict[int, np.ndarray]:
-    """Per class present, a float64 ``H×W`` label image; ids run across classes, by class then by score.
-
-    One nucleus per pixel across all classes, by the project's one rule (:func:`cellseg.eval.nuclei_metrics.label_map`:
-    detections below their class's label-score threshold dropped, each pixel to the highest-scoring instance, an instance
-    keeping less than ``min_kept_fraction`` of its mask dropped), so overlapping detections never leave
-    fragments and the files hold exactly the nuclei that the PQ figures score.
-    """
-    nuclei = label_map(inst, params.label_thresholds, params.min_kept_fraction)
-    by_class = np.argsort(
-        nuclei.classes, kind="stable"
-    )  # label_map numbers by score: stable keeps that order
-    new_id = np.zeros(len(nuclei) + 1, np.float64)
-    new_id[by_class + 1] = np.arange(1, len(nuclei) + 1)
-    class_of = np.concatenate([[0], nuclei.classes])[nuclei.ids]
-    ids = new_id[nuclei.ids]
-    return {int(k): np.where(class_of == k, ids, 0.0) for k in np.unique(nuclei.classes)}
-
-
-def write_label_maps(
-    folder: Path,
-    inst: Instances,
-    params: PredictParams,
-    maps: ProbMaps | None = None,
-    maps_format: str = "png",
-) -> dict[int, np.ndarray]:
-    """``folder/class{k}.tif`` for every class with nuclei (and ``maps`` when given), atomically (the folder
-    appears complete). Returns the label maps."""
-    labels_by_class = label_maps(inst, params)
-    with atomic_dir(folder) as tmp:
-        for k, labels in labels_by_class.items():
-            write_label_tif(tmp / CLASS_FILES[k - 1], labels)
-        if maps is not None:
-            write_prob_maps(tmp, maps, maps_format)
-    return labels_by_class
-
-
 def write_prob_maps(folder: Path, maps: ProbMaps, maps_format: str) -> None:
-    """``center.png`` and ``boundary.png`` (probability × 255, rounded) or ``maps.npz`` (float32)."""
+    """``center.png`` and ``boundary.png`` (probability × 255, rounded) or ``maps.npz`` (float32), each file
+    written aside and renamed."""
     if maps_format == "npz":
         save_npz(folder / "maps.npz", center=maps.center, boundary=maps.boundary)
         return
@@ -131,7 +96,9 @@ def write_prob_maps(folder: Path, maps: ProbMaps, maps_format: str) -> None:
         raise ValueError(f"maps_format must be one of {', '.join(MAPS_FORMATS)}; got {maps_format!r}")
     for name, values in (("center", maps.center), ("boundary", maps.boundary)):
         pixels = np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(folder / f"{name}.png")
+        output = TempOutput(folder / f"{name}.png")
+        Image.fromarray(pixels).save(output.path, format="PNG")
+        output.commit()
 
 
 def _read_all(paths: list[Path]) -> Iterator[np.ndarray]:
@@ -164,18 +131,20 @@ def predict_folder(
     out_dir = Path(out_dir)
     if record is not None:
         write_json(out_dir / PROVENANCE_FILE, {**record, "images": [p.name for p in paths]})
+    rule = NucleusRule.of(params)
     counts = {}
     predictions = predict_images_maps(model, _read_all(paths), params, device, postproc)
-    for path, (inst, maps) in tqdm(
-        zip(paths, predictions, strict=True), total=len(paths), desc="predict", unit="img"
-    ):
-        written = write_label_maps(
-            out_dir / path.stem, inst, params, maps if maps_format else None, maps_format or "png"
-        )
-        counts[path.name] = {
-            f"class{k}": int(np.count_nonzero(np.unique(written[k]))) if k in written else 0
-            for k in range(1, NUM_CLASSES + 1)
-        }
+    with open_sinks(["tifs"], SinkContext(out_dir)) as (tifs,):
+        for path, (inst, maps) in tqdm(
+            zip(paths, predictions, strict=True), total=len(paths), desc="predict", unit="img"
+        ):
+            found = nuclei(inst, rule)
+            tifs.add(Nuclei(found, np.arange(1, len(found) + 1), image=path.stem))
+            if maps_format:
+                write_prob_maps(out_dir / path.stem, maps, maps_format)
+            counts[path.name] = {
+                f"class{k}": int(np.count_nonzero(found.labels == k)) for k in range(1, NUM_CLASSES + 1)
+            }
     return counts
 
 
@@ -204,26 +173,16 @@ def main(argv: list[str] | None = None, prog: str = "cellseg predict") -> None:
     args = parser.parse_args(argv)
     params = load_params()
     device = select_device(params.predict.device, "predict.device")
-    model, state = load_trained_model(args.checkpoint, device)
-    thresholds = args.thresholds
-    if thresholds is None and (Path(args.checkpoint).parent / THRESHOLDS_FILE).is_file():
-        thresholds = Path(args.checkpoint).parent / THRESHOLDS_FILE
-    predict = tuned_predict_params(params.predict, thresholds)
-    postproc = tuned_postproc_params(params.postproc, thresholds)
-    peaks = f", centre peaks > {postproc.peak_threshold}" if postproc.any_step else ""
-    per_class = predict.class_score_thresholds
-    scores = f"per class {per_class}" if per_class else str(predict.label_score_threshold)
-    print(
-        f"thresholds: score >= {scores}, mask > {predict.mask_threshold}{peaks} "
-        f"({thresholds or 'params.yaml'})"
-    )
-    record = {
-        **provenance(args.checkpoint, state),
-        "thresholds": str(thresholds) if thresholds else None,
-        "predict": as_dict(predict),
-        "postproc": as_dict(postproc),
-    }
+    model = open_model(args.checkpoint, params, device, args.thresholds or BESIDE)
+    print(model.describe_thresholds())
     counts = predict_folder(
-        model, args.image_folder, args.out_dir, predict, device, postproc, args.maps, record
+        model.network,
+        args.image_folder,
+        args.out_dir,
+        model.predict,
+        device,
+        model.postproc,
+        args.maps,
+        model.provenance(),
     )
     print(json.dumps(counts, indent=2))

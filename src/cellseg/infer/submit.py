@@ -1,17 +1,15 @@
-"""The leaderboard submission: every prepared test image predicted and encoded as a COCO results list.
+"""The leaderboard submission: every prepared test image predicted and written as COCO RLE results.
 
-``<out>/test-results.json`` holds ``[{"image_id", "category_id", "segmentation": {"size": [h, w], "counts": str},
-"score", "bbox": [x, y, w, h]}]``, with ``image_id`` from ``test_image_name_to_ids.json`` (carried by each
-prepared test npz), and ``<out>/submission.zip`` holds that file at its root under exactly that name, which is
-what the leaderboard reads. ``<out>/provenance.json`` (:mod:`cellseg.provenance`) records the checkpoint's
-sha256, the params it was trained with, the cellseg version and the inference settings; it stays outside the
-zip and the results file, whose formats are fixed. All appear together or not at all.
+``<out>/test-results.json`` and ``<out>/submission.zip`` (:mod:`cellseg.outputs.coco`), with ``image_id`` from
+``test_image_name_to_ids.json`` (carried by each prepared test npz). ``<out>/provenance.json``
+(:meth:`cellseg.model.bundle.ModelBundle.provenance`) records the checkpoint's sha256, the params it was trained
+with, the cellseg version and the inference settings; it stays outside the zip and the results file, whose
+formats are fixed. All appear together or not at all.
 """
 
 from __future__ import annotations
 
-import json
-import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,14 +20,12 @@ from tqdm import tqdm
 from cellseg.data.io import DataFormatError, load_npz, visible_files
 from cellseg.fsutil import atomic_dir, write_json
 from cellseg.infer.predict import predict_images
+from cellseg.instances import Instances
 from cellseg.model.maskrcnn import CellMaskRCNN
+from cellseg.outputs import Nuclei, SinkContext, open_sinks
+from cellseg.outputs.coco import ZIP_FILE
 from cellseg.params import PostprocParams, PredictParams
 from cellseg.provenance import PROVENANCE_FILE
-from cellseg.rle import to_coco_results
-
-RESULTS_FILE = "test-results.json"
-ZIP_FILE = "submission.zip"
-ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can hold
 
 
 @dataclass(frozen=True)
@@ -69,33 +65,29 @@ def predict_results(
     params: PredictParams,
     device: torch.device,
     postproc: PostprocParams | None = None,
-) -> list[dict]:
-    """COCO results rows of every test image, in ``tests`` order.
-
-    Images are fed in size order, so that equal-sized ones share a forward pass.
-    """
+) -> Iterator[tuple[TestImage, Instances]]:
+    """Every test image with its detections (as COCO results keep them), images fed in size order so that
+    equal-sized ones share a forward pass."""
     order = sorted(range(len(tests)), key=lambda i: (tests[i].image.shape, i))
     predictions = predict_images(model, (tests[i].image for i in order), params, device, postproc)
-    rows: dict[int, list[dict]] = {}
     for i, inst in tqdm(zip(order, predictions, strict=True), total=len(order), desc="submit", unit="img"):
-        rows[i] = to_coco_results(inst, tests[i].image_id)
-    return [row for i in range(len(tests)) for row in rows[i]]
+        yield tests[i], inst
 
 
-def write_submission(rows: list[dict], out_dir: str | Path, record: dict | None = None) -> Path:
-    """Write ``test-results.json`` and ``submission.zip`` (holding it at its root), and ``provenance.json`` from
-    ``record`` when given, atomically; return the zip."""
+def write_submission(
+    predictions: Iterable[tuple[TestImage, Instances]], out_dir: str | Path, record: dict | None = None
+) -> Path:
+    """Write ``test-results.json`` and ``submission.zip`` (the ``coco`` output format), and ``provenance.json``
+    from ``record`` when given, atomically; return the zip."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         if record is not None:
             write_json(tmp / PROVENANCE_FILE, record)
-        results = tmp / RESULTS_FILE
-        results.write_text(json.dumps(rows))
-        # a fixed timestamp: the same predictions give a byte-identical zip, so DVC sees an unchanged output
-        entry = zipfile.ZipInfo(RESULTS_FILE, date_time=ZIP_DATE_TIME)
-        entry.compress_type = zipfile.ZIP_DEFLATED
-        with zipfile.ZipFile(tmp / ZIP_FILE, "w") as archive:
-            archive.writestr(entry, results.read_bytes())
+        with open_sinks(["coco"], SinkContext(tmp)) as sinks:
+            for test, inst in predictions:
+                ids = np.arange(1, len(inst) + 1)
+                for sink in sinks:
+                    sink.add(Nuclei(inst, ids, image_id=test.image_id))
     return out_dir / ZIP_FILE
 
 
@@ -113,11 +105,16 @@ def submit(
     ``record``: the provenance written beside it (:func:`cellseg.provenance.provenance` and the settings).
     """
     tests = load_test_images(test_dir)
-    rows = predict_results(model, tests, params, device, postproc)
-    write_submission(rows, out_dir, record)
-    found = {row["image_id"] for row in rows}
+    counts: dict[int, int] = {}
+
+    def counted() -> Iterator[tuple[TestImage, Instances]]:
+        for test, inst in predict_results(model, tests, params, device, postproc):
+            counts[test.image_id] = len(inst)
+            yield test, inst
+
+    write_submission(counted(), out_dir, record)
     return {
         "images": len(tests),
-        "instances": len(rows),
-        "images_without_instances": sum(t.image_id not in found for t in tests),
+        "instances": sum(counts.values()),
+        "images_without_instances": sum(n == 0 for n in counts.values()),
     }

@@ -1,9 +1,10 @@
-"""An optional label image of the slide's nuclei (``slide.label_image``), written chunk by chunk: OME-Zarr.
+"""A label image of a slide's nuclei (format ``zarr``), written chunk by chunk: OME-Zarr.
 
 ``labels.zarr`` is a Zarr v3 group with OME-NGFF 0.5 metadata (``ome.multiscales``, axes y/x in micrometres,
 one scale) and one array ``0``: uint32 at level-0 pixels, 0 = background, each nucleus painted with its table
 id, chunks of ``CHUNK`` px. Nuclei arrive block by block, so only the chunks of the blocks being written are in
-memory (a bounded write-back cache); the whole image never is.
+memory (a bounded write-back cache); the whole image never is. The nuclei are disjoint (:mod:`cellseg.nuclei`);
+where two outlines' rasterisations meet, the pixel keeps the nucleus painted first.
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from cellseg.outputs.base import Nuclei, SinkContext, TempOutput
+
 CHUNK = 512
 CACHE_CHUNKS = 96
 """Chunks held in memory at most (96 × 1 MB): a block's footprint at the defaults is about 25-40 chunks."""
 
 
 class LabelImage:
+    """The uint32 label image of ``height × width`` level-0 pixels at ``path``."""
+
     def __init__(self, path: Path, height: int, width: int, mpp: float) -> None:
         import zarr
 
@@ -86,3 +91,22 @@ class LabelImage:
     def close(self) -> None:
         while self._cache:
             self._write(*self._cache.popitem(last=False))
+
+
+class ZarrLabelSink:
+    """``labels.zarr``: each nucleus painted with its id (the table's and the GeoJSON's)."""
+
+    def __init__(self, context: SinkContext) -> None:
+        self.output = TempOutput(context.folder / "labels.zarr")
+        self.image = LabelImage(self.output.path, context.height, context.width, context.mpp or 1.0)
+
+    def add(self, nuclei: Nuclei) -> None:
+        for nucleus_id, polygon in zip(nuclei.ids, nuclei.polygons, strict=True):
+            self.image.paint(polygon, int(nucleus_id))
+
+    def close(self) -> None:
+        self.image.close()
+        self.output.commit()
+
+    def abort(self) -> None:
+        self.output.discard()
