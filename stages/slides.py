@@ -1,6 +1,7 @@
 """Stage `slides`: the trained model over every slide of a folder (`cellseg slide`), results per slide.
 
-`<out_dir>/<slide stem>/` gets nuclei.geojson (QuPath), nuclei.csv (or .parquet), thumbnail.png and tissue.png
+`<out_dir>/<slide stem>/` gets the formats of `slide.outputs` (nuclei.geojson for QuPath, nuclei.csv ...),
+thumbnail.png and tissue.png
 (README "Whole slides"); settings: `slide.*`, `predict.*` and the tuned thresholds beside the checkpoint.
 
 Usage: python stages/slides.py <checkpoint> <slides_dir> <out_dir>

@@ -101,3 +101,22 @@ def die_once_then_fake_predict(job, block):
     cellseg.infer.detect.detect_batch = fake_detect_batch
     cellseg.slide.run._model = lambda checkpoint, device: None
     return cellseg.slide.run.predict_block(job, block)
+
+
+def run_slide(slide, checkpoint, out_dir, target_mpp, predict, settings, *, stop_after=None, task=None,
+              keep_work=False, client=None, **request):  # fmt: skip
+    """:func:`cellseg.slide.run.run_slide` of a :class:`SlideRequest` built from the arguments, without a
+    progress bar; ``stop_after`` (interrupt after that many new blocks, as Ctrl-C would), ``task`` (the block
+    function Dask runs) and ``keep_work`` go through a :class:`SlideRunner` subclass, as the tests' hooks."""
+    from cellseg.slide.run import SlideRequest, SlideRunner
+
+    class Runner(SlideRunner):
+        def block_saved(self, new_blocks: int) -> None:
+            if stop_after is not None and new_blocks >= stop_after:
+                raise KeyboardInterrupt(f"stopped after {new_blocks} blocks")
+
+    Runner.keep_work = keep_work
+    if task is not None:
+        Runner.task = staticmethod(task)
+    req = SlideRequest(Path(slide), Path(checkpoint), Path(out_dir), target_mpp, predict, settings, **request)
+    return Runner(req, client, progress=False).run()

@@ -19,9 +19,8 @@ from cellseg.slide.reader import (
     parse_mpp_from_description,
     read_window,
 )
-from cellseg.slide.run import run_slide
 from cellseg.slide.synthetic import write_slide
-from slide_helpers import SVS, fake_detect, painted_tissue, slide_settings, use_fake_detector
+from slide_helpers import SVS, fake_detect, painted_tissue, run_slide, slide_settings, use_fake_detector
 
 
 def fake_slide(mpp: float, downsamples: list[float]) -> Slide:
@@ -109,7 +108,7 @@ def test_a_seam_between_blocks_loses_and_doubles_nothing(tmp_path, monkeypatch) 
     predict, settings = slide_settings()
     checkpoint = tmp_path / "model.pt"
     checkpoint.write_bytes(b"unused by the fake detector")
-    summary = run_slide(path, checkpoint, tmp_path / "out", 0.25, predict, settings, progress=False)
+    summary = run_slide(path, checkpoint, tmp_path / "out", 0.25, predict, settings)
     assert summary.blocks > 4  # several blocks, so nuclei sit on their seams
     features = _features(tmp_path / "out" / "mosaic" / "nuclei.geojson")
     assert len(features) == n == sum(summary.counts.values())
@@ -141,17 +140,16 @@ def test_a_seam_between_blocks_loses_and_doubles_nothing(tmp_path, monkeypatch) 
 def test_blocks_without_tissue_are_skipped(tmp_path, monkeypatch) -> None:
     use_fake_detector(monkeypatch)
     calls = []
-    import cellseg.slide.run
+    from cellseg.slide.run import predict_block
 
-    real = cellseg.slide.run.predict_block
-    monkeypatch.setattr(
-        cellseg.slide.run, "predict_block", lambda job, block: calls.append(block) or real(job, block)
-    )
     image, n = painted_tissue(200, 200)
     path = write_slide(tmp_path / "corner.tif", 1200, 1200, 0.25, [(900, 900, image)], levels=3, tile=128)
     predict, settings = slide_settings()
     (tmp_path / "m.pt").write_bytes(b"x")
-    summary = run_slide(path, tmp_path / "m.pt", tmp_path / "out", 0.25, predict, settings, progress=False)
+    summary = run_slide(
+        path, tmp_path / "m.pt", tmp_path / "out", 0.25, predict, settings,
+        task=lambda job, block: calls.append(block) or predict_block(job, block),
+    )  # fmt: skip
     all_blocks = block_grid(1200, 1200, 128, 32, 2)
     assert 0 < len(calls) < len(all_blocks) / 3
     assert all(b.window.y0 + b.window.height > 850 and b.window.x0 + b.window.width > 850 for b in calls)
@@ -168,7 +166,7 @@ def test_an_empty_slide_gives_an_empty_result_and_a_warning(tmp_path, monkeypatc
     path = write_slide(tmp_path / "glass.tif", 500, 500, 0.25, [], levels=2, tile=128)
     predict, settings = slide_settings()
     (tmp_path / "m.pt").write_bytes(b"x")
-    summary = run_slide(path, tmp_path / "m.pt", tmp_path / "out", 0.25, predict, settings, progress=False)
+    summary = run_slide(path, tmp_path / "m.pt", tmp_path / "out", 0.25, predict, settings)
     assert "no tissue" in capsys.readouterr().err
     assert summary.blocks == 0 and sum(summary.counts.values()) == 0
     assert json.loads((tmp_path / "out" / "glass" / "nuclei.geojson").read_text()) == {
@@ -185,12 +183,12 @@ def test_an_interrupted_slide_resumes_where_it_stopped(tmp_path, monkeypatch) ->
     (tmp_path / "m.pt").write_bytes(b"x")
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        run_slide(path, tmp_path / "m.pt", out, 0.25, predict, settings, progress=False, stop_after=3)
+        run_slide(path, tmp_path / "m.pt", out, 0.25, predict, settings, stop_after=3)
     assert not (out / "s").exists()  # nothing that looks like a result
     assert len(list((out / ".s.partial" / "blocks").glob("*.npz"))) == 3
-    resumed = run_slide(path, tmp_path / "m.pt", out, 0.25, predict, settings, progress=False)
+    resumed = run_slide(path, tmp_path / "m.pt", out, 0.25, predict, settings)
     assert resumed.blocks_resumed == 3 and resumed.blocks > 3
-    again = run_slide(path, tmp_path / "m.pt", tmp_path / "fresh", 0.25, predict, settings, progress=False)
+    again = run_slide(path, tmp_path / "m.pt", tmp_path / "fresh", 0.25, predict, settings)
     assert (out / "s" / "nuclei.geojson").read_bytes() == (
         tmp_path / "fresh" / "s" / "nuclei.geojson"
     ).read_bytes()
@@ -207,7 +205,7 @@ def test_a_rescaled_slide_maps_nuclei_back_to_level0(tmp_path, monkeypatch) -> N
     path = write_slide(tmp_path / "fine.tif", 800, 800, 0.125, [(100, 100, big)], levels=3, tile=128)
     predict, settings = slide_settings()
     (tmp_path / "m.pt").write_bytes(b"x")
-    summary = run_slide(path, tmp_path / "m.pt", tmp_path / "out", 0.25, predict, settings, progress=False)
+    summary = run_slide(path, tmp_path / "m.pt", tmp_path / "out", 0.25, predict, settings)
     assert summary.level == 1  # the 2× level is exactly the model's resolution
     features = _features(tmp_path / "out" / "fine" / "nuclei.geojson")
     assert len(features) == n
@@ -225,9 +223,9 @@ def test_gzipped_geojson_and_parquet_table(tmp_path, monkeypatch) -> None:
     use_fake_detector(monkeypatch)
     image, n = painted_tissue(300, 300, seed=4)
     path = write_slide(tmp_path / "s.tif", 400, 400, 0.25, [(50, 50, image)], levels=1, tile=128)
-    predict, settings = slide_settings(gzip_geojson=True, table_format="parquet")
+    predict, settings = slide_settings(outputs=["geojson.gz", "parquet"])
     (tmp_path / "m.pt").write_bytes(b"x")
-    run_slide(path, tmp_path / "m.pt", tmp_path / "out", 0.25, predict, settings, progress=False)
+    run_slide(path, tmp_path / "m.pt", tmp_path / "out", 0.25, predict, settings)
     with gzip.open(tmp_path / "out" / "s" / "nuclei.geojson.gz", "rt") as f:
         features = json.load(f)["features"]
     table = pq.read_table(tmp_path / "out" / "s" / "nuclei.parquet").to_pydict()
@@ -242,9 +240,9 @@ def test_the_label_image_holds_each_nucleus_under_its_table_id(tmp_path, monkeyp
     use_fake_detector(monkeypatch)
     image, n = painted_tissue(300, 260, seed=6)
     path = write_slide(tmp_path / "s.tif", 400, 380, 0.25, [(40, 60, image)], levels=1, tile=128)
-    predict, settings = slide_settings(label_image=True)
+    predict, settings = slide_settings(outputs=["geojson", "csv", "zarr"])
     (tmp_path / "m.pt").write_bytes(b"x")
-    run_slide(path, tmp_path / "m.pt", tmp_path / "out", 0.25, predict, settings, progress=False)
+    run_slide(path, tmp_path / "m.pt", tmp_path / "out", 0.25, predict, settings)
     root = zarr.open_group(tmp_path / "out" / "s" / "labels.zarr", mode="r")
     assert root.attrs["ome"]["multiscales"][0]["datasets"][0]["path"] == "0"
     labels = np.asarray(root["0"][:])
@@ -274,6 +272,5 @@ def test_a_png_is_a_one_level_slide_given_its_resolution(tmp_path, monkeypatch) 
         predict,
         settings,
         mpp=0.25,
-        progress=False,
     )
     assert sum(summary.counts.values()) == n and summary.level == 0

@@ -11,7 +11,7 @@ import pytest
 from cellseg.data.synth import ImageSpec, generate
 from cellseg.slide.synthetic import write_slide
 from conftest import ROOT
-from slide_helpers import SVS, die_once_then_fake_predict, painted_tissue, slide_settings
+from slide_helpers import SVS, die_once_then_fake_predict, painted_tissue, run_slide, slide_settings
 
 
 def _cli(args, capsys, monkeypatch) -> tuple[int, str, str]:
@@ -125,7 +125,6 @@ def _nuclei(folder):
 @pytest.mark.slow
 def test_one_and_two_workers_give_the_same_nuclei(checkpoint, tmp_path) -> None:
     from cellseg.params import load_params
-    from cellseg.slide.run import run_slide
 
     params = load_params(ROOT / "params.yaml")
     predict = dataclasses.replace(
@@ -133,8 +132,8 @@ def test_one_and_two_workers_give_the_same_nuclei(checkpoint, tmp_path) -> None:
     )
     settings = dataclasses.replace(params.slide, block_tiles=2)
     path = synth_slide(tmp_path / "s.tif")
-    one = run_slide(path, checkpoint, tmp_path / "one", 0.25, predict, settings, workers=1, progress=False)
-    two = run_slide(path, checkpoint, tmp_path / "two", 0.25, predict, settings, workers=2, progress=False)
+    one = run_slide(path, checkpoint, tmp_path / "one", 0.25, predict, settings, workers=1)
+    two = run_slide(path, checkpoint, tmp_path / "two", 0.25, predict, settings, workers=2)
     assert one.blocks == two.blocks > 2
     assert one.counts == two.counts
     assert sum(one.counts.values()) > 0
@@ -182,14 +181,13 @@ def test_the_aperio_fixture_runs_end_to_end(checkpoint, tmp_path, capsys, monkey
 
 @pytest.mark.slow
 def test_a_block_whose_worker_dies_is_retried(tmp_path) -> None:
-    from cellseg.slide.run import run_slide
 
     image, n = painted_tissue(300, 300, seed=8)
     path = write_slide(tmp_path / "s.tif", 400, 400, 0.25, [(50, 50, image)], levels=1, tile=128)
     predict, settings = slide_settings()
     (tmp_path / "m.pt").write_bytes(b"unused")
     summary = run_slide(
-        path, tmp_path / "m.pt", tmp_path / "out", 0.25, predict, settings, workers=2, progress=False,
+        path, tmp_path / "m.pt", tmp_path / "out", 0.25, predict, settings, workers=2,
         task=die_once_then_fake_predict,
     )  # fmt: skip
     assert (tmp_path / "died-0_0").is_file()  # the first attempt killed its worker

@@ -427,9 +427,6 @@ class EvaluateParams(_Section):
         )
 
 
-TABLE_FORMATS = ("csv", "parquet")
-
-
 @dataclass(frozen=True)
 class SlideParams(_Section):
     """Whole-slide inference (``cellseg slide``, the ``slides`` stage): blocks, tissue detection, outputs."""
@@ -440,9 +437,7 @@ class SlideParams(_Section):
     tissue_min_saturation: int
     tissue_max_saturation: int
     min_tissue_fraction: float
-    table_format: str
-    gzip_geojson: bool
-    label_image: bool
+    outputs: list[str]
     retries: int
 
     def __post_init__(self) -> None:
@@ -454,8 +449,8 @@ class SlideParams(_Section):
         )
         _check(0.0 <= self.min_tissue_fraction < 1.0, "slide.min_tissue_fraction must be in [0, 1)")
         _check(
-            self.table_format in TABLE_FORMATS,
-            f"slide.table_format must be one of {', '.join(TABLE_FORMATS)}; got {self.table_format!r}",
+            len(self.outputs) > 0 and all(isinstance(name, str) for name in self.outputs),
+            "slide.outputs must list at least one output format (cellseg.outputs.FORMATS), e.g. [geojson, csv]",
         )
         _check(self.retries >= 0, "slide.retries must be >= 0")
 

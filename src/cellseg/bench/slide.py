@@ -42,13 +42,19 @@ MOSAIC = 4  # images per side, each 256 px
 
 
 def _settings(checkpoint: Path):
-    from cellseg.infer.thresholds import THRESHOLDS_FILE, tuned_predict_params
+    """params.yaml, and its ``predict`` section with the model's tuned thresholds (the thresholds file beside
+    the checkpoint, as ``cellseg slide`` reads it)."""
+    from cellseg.model.thresholds import thresholds_beside, tuned_predict_params
     from cellseg.params import load_params
 
     params = load_params()
-    thresholds = checkpoint.parent / THRESHOLDS_FILE
-    predict = tuned_predict_params(params.predict, thresholds if thresholds.is_file() else None)
-    return params, predict
+    return params, tuned_predict_params(params.predict, thresholds_beside(checkpoint))
+
+
+def _rule(predict):
+    from cellseg.nuclei import NucleusRule
+
+    return NucleusRule.of(predict)
 
 
 def _vmhwm() -> int:
@@ -62,11 +68,9 @@ def _vmhwm() -> int:
 
 # ------------------------------------------------------------------------------------------------- memory
 def _memory_child(slide: str, checkpoint: str, out: str) -> None:
-    from cellseg.slide.run import run_slide
-
     params, predict = _settings(Path(checkpoint))
     t0 = time.perf_counter()
-    summary = run_slide(slide, checkpoint, out, MPP, predict, params.slide, progress=False)
+    summary = _run(slide, checkpoint, out, predict, params.slide, keep_work=False)
     print(json.dumps({"rss": _vmhwm(), "seconds": time.perf_counter() - t0, "blocks": summary.blocks,
                       "nuclei": sum(summary.counts.values())}))  # fmt: skip
 
@@ -112,11 +116,14 @@ def _mosaic(folder: Path):
     return path, image, truth
 
 
-def _slide_instances(summary):
+def _slide_instances(summary, predict):
+    """The nuclei a slide run wrote, from its kept block files (slide model pixels)."""
     from cellseg.instances import Instances
-    from cellseg.slide.run import slide_instances
+    from cellseg.slide.assemble import slide_nuclei
 
-    chunks = list(slide_instances(summary.work, summary.blocks_done, summary.job))
+    chunks = list(
+        slide_nuclei(summary.work, summary.grid, summary.tissue_blocks, summary.job, _rule(predict))
+    )
     h, w = summary.job.height, summary.job.width
     return Instances(
         h, w,
@@ -127,9 +134,9 @@ def _slide_instances(summary):
 
 def _match(a, b) -> tuple[int, int, int]:
     """One-to-one matches at mask IoU > 0.5 between two instance sets: ``(matched, only in a, only in b)``."""
-    from cellseg.eval.nuclei_metrics import label_map
+    from cellseg.nuclei import NucleusRule, label_map
 
-    la, lb = label_map(a).ids, label_map(b).ids
+    la, lb = label_map(a, NucleusRule()).ids, label_map(b, NucleusRule()).ids
     both = (la > 0) & (lb > 0)
     pairs, inter = np.unique(np.stack([la[both], lb[both]]), axis=1, return_counts=True)
     area_a = np.bincount(la.ravel())
@@ -139,12 +146,16 @@ def _match(a, b) -> tuple[int, int, int]:
     return matched, int(len(area_a) - 1 - matched), int(len(area_b) - 1 - matched)
 
 
-def _run(path, checkpoint, out, predict, settings, workers=1):
-    from cellseg.slide.run import run_slide
+def _run(path, checkpoint, out, predict, settings, workers=1, keep_work=True):
+    """One slide run; its block files are kept (``summary.work``) to read its nuclei back."""
+    from cellseg.slide.run import SlideRequest, SlideRunner
 
-    return run_slide(
-        path, checkpoint, out, MPP, predict, settings, workers=workers, progress=False, keep_work=True
-    )
+    class KeepWork(SlideRunner):
+        pass
+
+    KeepWork.keep_work = keep_work
+    request = SlideRequest(Path(path), Path(checkpoint), Path(out), MPP, predict, settings, workers=workers)
+    return KeepWork(request, progress=False).run()
 
 
 def bench_seams(checkpoint: Path, folder: Path) -> float:
@@ -153,13 +164,15 @@ def bench_seams(checkpoint: Path, folder: Path) -> float:
     from cellseg.eval.nuclei_metrics import score_split
     from cellseg.infer.detect import detect_image
     from cellseg.instances import Instances
-    from cellseg.slide.run import _model, keep_threshold
+    from cellseg.nuclei import nuclei
+    from cellseg.slide.run import _model
 
     params, predict = _settings(checkpoint)
     path, image, truth = _mosaic(folder)
     settings = dataclasses.replace(params.slide, block_tiles=1)
     summary = _run(path, checkpoint, folder / "seams", predict, settings)
-    whole = _slide_instances(summary)
+    whole = _slide_instances(summary, predict)
+    rule = _rule(predict)
     model = _model(str(checkpoint), "cpu")
     cell = TISSUE // MOSAIC
     parts = []
@@ -169,7 +182,7 @@ def bench_seams(checkpoint: Path, folder: Path) -> float:
                 inst, _ = detect_image(
                     model, image[i * cell : (i + 1) * cell, j * cell : (j + 1) * cell], predict
                 )
-                inst = inst.select(inst.scores >= keep_threshold(predict))
+                inst = nuclei(inst, rule)  # each image's own nuclei
                 inst.offsets = inst.offsets + np.array([i * cell, j * cell])
                 parts.append(inst)
     tiled = Instances(
@@ -179,16 +192,15 @@ def bench_seams(checkpoint: Path, folder: Path) -> float:
     )  # fmt: skip
     with torch.inference_mode():
         one, _ = detect_image(model, image, predict)  # the mosaic as one image: same tiles, no blocks
-    one = one.select(one.scores >= keep_threshold(predict))
+    one = nuclei(one, rule)
     same = _match(whole, one)
     print(
         f"seams: slide (blocks) vs the mosaic as one image (detect_image): {same[0]} matched, {same[1]} only in "
         f"the slide, {same[2]} only in the one image (block seams: nothing lost or doubled when both are 0)"
     )
     matched, only_whole, only_tiled = _match(whole, tiled)
-    threshold = keep_threshold(predict)
-    pq_whole = score_split(["m"], [truth], [whole], threshold, predict.min_kept_fraction).metrics["pq"]
-    pq_tiled = score_split(["m"], [truth], [tiled], threshold, predict.min_kept_fraction).metrics["pq"]
+    pq_whole = score_split(["m"], [truth], [whole], rule).metrics["pq"]
+    pq_tiled = score_split(["m"], [truth], [tiled], rule).metrics["pq"]
     print(
         f"seams: {summary.blocks} blocks; slide {len(whole)} nuclei, image by image {len(tiled)}: {matched} "
         f"matched, {only_whole} only in the slide, {only_tiled} only image by image; truth {len(truth)}"
@@ -210,16 +222,16 @@ def bench_workers(checkpoint: Path, folder: Path) -> float:
         seconds = time.perf_counter() - t0
         mpx = summary.tissue_mm2 * 1e6 / MPP**2 / 1e6
         rates.append(mpx / seconds)
-        results.append(_slide_instances(summary))
+        results.append(_slide_instances(summary, predict))
         print(
             f"workers: {workers}: {sum(summary.counts.values())} nuclei, {mpx:.2f} tissue Mpx in {seconds:.1f} s "
             f"(cluster start included) = {rates[-1]:.3f} Mpx/s"
         )
-    from cellseg.eval.nuclei_metrics import label_map
+    from cellseg.nuclei import NucleusRule, label_map
 
     one, two = results
     matched, only_one, only_two = _match(one, two)
-    a, b = label_map(one), label_map(two)
+    a, b = label_map(one, NucleusRule()), label_map(two, NucleusRule())
     class_a = np.concatenate([[0], a.classes])[a.ids]
     class_b = np.concatenate([[0], b.classes])[b.ids]
     differ = int(
@@ -254,7 +266,7 @@ def bench_overhead(checkpoint: Path, folder: Path) -> float:
     summary = _run(path, checkpoint, folder / "overhead", predict, settings)
     slide_seconds = time.perf_counter() - t0
     tiles = []
-    for block in summary.blocks_done:
+    for block in summary.tissue_blocks:
         w = block.window
         windows = tile_windows(w.height, w.width, predict.tile_size, predict.tile_overlap)
         for t in [windows[i] for i in block.tiles]:  # the tissue tiles, as the slide run predicts them

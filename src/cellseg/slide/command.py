@@ -1,13 +1,16 @@
 """``cellseg slide CHECKPOINT SLIDE... --out DIR``: nuclei of whole slides, for QuPath and for tables.
 
-Per slide, ``DIR/<slide stem>/`` gets ``nuclei.geojson`` (or ``.geojson.gz``), ``nuclei.csv`` (or ``.parquet``),
-``thumbnail.png`` and ``tissue.png``, and one summary line is printed. Settings: ``slide.*`` and ``predict.*`` of
-params.yaml, the tuned thresholds next to the checkpoint (``thresholds.json``) when there are some.
+Per slide, ``DIR/<slide stem>/`` gets the output formats of ``slide.outputs`` (or ``--format``: by default
+``nuclei.geojson`` and ``nuclei.csv``), ``thumbnail.png``, ``tissue.png`` and ``provenance.json``, and one summary
+line is printed. The nuclei are the model's (:mod:`cellseg.nuclei`, with the tuned thresholds next to the
+checkpoint, ``thresholds.json``, when there are some): the same as ``cellseg predict`` gives for the same pixels.
+Settings: ``slide.*`` and ``predict.*`` of params.yaml.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -15,21 +18,10 @@ from cellseg import CellsegError
 from cellseg.params import load_params
 
 
-def training_mpp(state: dict, fallback: float, checkpoint: str) -> float:
-    """The resolution the checkpoint was trained at (``data.mpp`` saved with it); ``fallback`` (params.yaml)
-    for a checkpoint older than the setting, with a warning."""
-    mpp = state.get("params", {}).get("data", {}).get("mpp")
-    if mpp is None:
-        print(
-            f"warning: {checkpoint} does not record its training resolution (data.mpp); assuming params.yaml's "
-            f"{fallback} µm/px",
-            file=sys.stderr,
-        )
-        return float(fallback)
-    return float(mpp)
-
-
 def main(argv: list[str] | None = None, prog: str = "cellseg slide") -> None:
+    from cellseg.outputs import FORMATS, check_formats, formats_for
+
+    slide_formats = formats_for("slide")
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="e.g. models/best.pt")
     parser.add_argument(
@@ -38,6 +30,13 @@ def main(argv: list[str] | None = None, prog: str = "cellseg slide") -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder: <slide stem>/ per slide")
     parser.add_argument(
         "--mpp", type=float, help="level-0 resolution in µm/px, for slides without it (overrides)"
+    )
+    parser.add_argument(
+        "--format",
+        dest="formats",
+        metavar="NAME[,NAME...]",
+        help="output formats instead of slide.outputs: "
+        + "; ".join(f"{name} ({FORMATS[name].help})" for name in slide_formats),
     )
     parser.add_argument(
         "--workers", type=int, default=1, help="local Dask worker processes (1: in this process)"
@@ -55,26 +54,26 @@ def main(argv: list[str] | None = None, prog: str = "cellseg slide") -> None:
         raise CellsegError(f"--workers must be >= 1; got {args.workers}")
 
     from cellseg.device import select_device
-    from cellseg.infer.thresholds import THRESHOLDS_FILE, tuned_predict_params
-    from cellseg.model.checkpoint import load_trained_model
+    from cellseg.model.bundle import BESIDE, open_model
     from cellseg.params import as_dict
-    from cellseg.provenance import provenance
-    from cellseg.slide.run import dask_client, run_slide, slide_stem
+    from cellseg.slide.run import SlideRequest, dask_client, run_slide, slide_stem
 
     params = load_params()
+    settings = params.slide
+    if args.formats is not None:
+        settings = dataclasses.replace(
+            settings, outputs=[f.strip() for f in args.formats.split(",") if f.strip()]
+        )
+    check_formats(settings.outputs, "slide", "--format" if args.formats is not None else "slide.outputs")
     device = select_device(params.predict.device, "predict.device")
-    _, state = load_trained_model(args.checkpoint, device)  # checks the checkpoint before any slide work
-    target = training_mpp(state, params.data.mpp, args.checkpoint)
-    thresholds = args.thresholds
-    if thresholds is None and (Path(args.checkpoint).parent / THRESHOLDS_FILE).is_file():
-        thresholds = Path(args.checkpoint).parent / THRESHOLDS_FILE
-    predict = tuned_predict_params(params.predict, thresholds)
-    record = {
-        **provenance(args.checkpoint, state),
-        "thresholds": str(thresholds) if thresholds else None,
-        "predict": as_dict(predict),
-        "slide": as_dict(params.slide),
-    }
+    model = open_model(args.checkpoint, params, device, args.thresholds or BESIDE)  # checked before any slide
+    if not model.records_mpp:
+        print(
+            f"warning: {args.checkpoint} does not record its training resolution (data.mpp); assuming "
+            f"params.yaml's {model.mpp} µm/px",
+            file=sys.stderr,
+        )
+    record = model.provenance(slide=as_dict(settings))
     stems = {}
     for slide in args.slides:
         stem = slide_stem(slide)
@@ -84,21 +83,12 @@ def main(argv: list[str] | None = None, prog: str = "cellseg slide") -> None:
 
     def run_all(client=None) -> None:
         for slide in args.slides:
-            summary = run_slide(
-                slide,
-                args.checkpoint,
-                args.out,
-                target,
-                predict,
-                params.slide,
-                mpp=args.mpp,
-                workers=args.workers,
-                scheduler=args.scheduler,
-                device=str(device),
-                client=client,
-                progress=not args.no_progress,
-                record=record,
-            )
+            request = SlideRequest(
+                Path(slide), Path(args.checkpoint), args.out, model.mpp, model.predict, settings,
+                mpp=args.mpp, workers=args.workers, scheduler=args.scheduler, device=str(device),
+                record=record, class_names=model.class_names,
+            )  # fmt: skip
+            summary = run_slide(request, client, progress=not args.no_progress)
             print(summary.line(), flush=True)
 
     if args.scheduler or args.workers > 1:
