@@ -337,7 +337,7 @@ class PredictParams(_Section):
     @property
     def label_thresholds(self) -> float | tuple[float, ...]:
         """What label maps keep: ``class_score_thresholds`` (one per class) where given, else
-        ``label_score_threshold`` for every class (:func:`cellseg.eval.nuclei_metrics.label_map`)."""
+        ``label_score_threshold`` for every class (:class:`cellseg.nuclei.NucleusRule`)."""
         per_class = self.class_score_thresholds
         return tuple(per_class) if per_class else self.label_score_threshold
 

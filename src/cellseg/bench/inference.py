@@ -5,7 +5,7 @@ modules) called as ``model([img])`` under ``torch.no_grad``. It pastes every 28�
 image, thresholds the ``N×H×W`` stack at 0.5 and encodes each full mask with ``pycocotools.mask.encode``.
 Ours: :func:`cellseg.infer.predict.predict_image` (inference mode, box-local paste and threshold) and
 :func:`cellseg.rle.encode_instances` (runs computed from the crops), on the model as
-:func:`cellseg.infer.predict.for_inference` prepares it (channels-last weights). A third row runs ours on the
+:func:`cellseg.model.maskrcnn.for_inference` prepares it (channels-last weights). A third row runs ours on the
 unchanged (contiguous) weights, so that the gain of the paste and encoding is told apart from the layout's.
 
 Only images no larger than ``predict.tile_size`` take part: there both ways see the same whole image, and the
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params().predict
     images = load_images(args.test_dir, params.tile_size)
     model, _ = load_trained_model(args.checkpoint, CPU)
-    fast = model  # load_trained_model prepares it with predict.for_inference (channels-last on the CPU)
+    fast = model  # load_trained_model prepares it with maskrcnn.for_inference (channels-last on the CPU)
     plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)  # torchvision's default layout
     det = reference_model(plain)
     threshold = params.mask_threshold

@@ -3,7 +3,7 @@
 One reader, tifffile with its zarr store (``TiffPageSeries.aszarr``): it reads every TIFF-family slide (Aperio
 SVS with JPEG or JPEG 2000 tiles, Hamamatsu NDPI, Leica SCN, OME-TIFF, the generic tiled pyramids tifffile and
 libvips write) and plain tiled or striped tifs, region by region, from pip wheels alone; png and jpg files are
-read whole (they are small by nature). README "Whole slides" gives the measurement behind the choice.
+read whole (they are small by nature). docs/slides.md ("How it works") gives the measurement behind the choice.
 
 The levels are those of the image series (``series[0].levels``); an SVS file's thumbnail, label and macro
 pictures are other series, never levels. The resolution comes from the metadata (Aperio ``MPP =``, OME
