@@ -71,8 +71,13 @@ def open_sinks(names: Sequence[str], context: SinkContext) -> Iterator[list[Sink
         for sink in sinks:
             sink.abort()
         raise
-    for sink in sinks:
-        sink.close()
+    for done, sink in enumerate(sinks):
+        try:
+            sink.close()
+        except BaseException:
+            for rest in sinks[done:]:
+                rest.abort()
+            raise
 
 
 __all__ = ["FORMATS", "Format", "Nuclei", "Sink", "SinkContext", "check_formats", "formats_for", "open_sinks"]
