@@ -10,12 +10,16 @@ RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 
 .PHONY: setup demo test test-fast lint bench clean-venv real-cpu real-cpu-args gpu-check
 
-# The real-data recipe for a 2-core CPU (tuned on consep-dev; README "Real data on a CPU"): one `dvc exp run`.
+# The real-data recipe for a 2-core CPU (tuned on consep-dev; README "Real data on a CPU"): one `dvc exp run`
+# of BUDGET minutes of wall time in all (prepare to submit): the train stage plans its steps to fit what the
+# other stages leave (train.budget_scope=pipeline; src/cellseg/train/budget.py), whatever the CPU.
 RAW ?= data/raw
+BUDGET ?= 30
 EXTRA ?=  # more overrides, e.g. EXTRA='-S train.seed=1'
 REAL_CPU = -S 'data.raw_dir=$(RAW)' -S "data.group_regex='^(train_[0-9]+)_'" \
   -S model.scale=2.0 -S train.crop_size=128 -S augment.hflip_p=0.5 -S augment.vflip_p=0.5 -S augment.rotate90_p=0.5 \
-  -S train.repeat_threshold=1.0 -S train.precision=bf16 -S train.epochs=42 -S train.eval_every=42 \
+  -S train.repeat_threshold=1.0 -S train.precision=bf16 -S train.time_budget_min=$(BUDGET) \
+  -S train.budget_scope=pipeline -S train.eval_every=100000 \
   -S train.train_eval_images=0 -S model.rpn_pre_nms_top_n_train=600 -S model.rpn_post_nms_top_n_train=300
 
 setup: $(VENV)/.installed

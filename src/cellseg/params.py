@@ -255,6 +255,9 @@ class AugmentParams(_Section):
         _check(0.0 <= self.stain_shift <= 0.3, "augment.stain_shift must be in [0, 0.3]")
 
 
+BUDGET_SCOPES = ("train", "pipeline")
+
+
 @dataclass(frozen=True)
 class TrainParams(_Section):
     """The optimisation loop."""
@@ -275,6 +278,8 @@ class TrainParams(_Section):
     train_eval_images: int
     resume: bool
     repeat_threshold: float
+    time_budget_min: float
+    budget_scope: str
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs must be >= 1")
@@ -295,6 +300,18 @@ class TrainParams(_Section):
         _check(
             0.0 <= self.repeat_threshold <= 1.0 and math.isfinite(self.repeat_threshold),
             "train.repeat_threshold must be in [0, 1] (0 = uniform sampling)",
+        )
+        _check(
+            self.time_budget_min >= 0 and math.isfinite(self.time_budget_min),
+            "train.time_budget_min must be >= 0 (minutes; 0 = train.epochs rules)",
+        )
+        _check(
+            self.budget_scope in BUDGET_SCOPES,
+            f"train.budget_scope must be one of {', '.join(BUDGET_SCOPES)}; got {self.budget_scope!r}",
+        )
+        _check(
+            self.time_budget_min == 0 or self.nproc == 1,
+            "train.time_budget_min needs train.nproc: 1 (a budget across several processes is not supported)",
         )
 
 

@@ -9,7 +9,7 @@ classes it was trained with, and the provenance record written beside every resu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -26,17 +26,31 @@ BESIDE = "beside"
 """``open_model(thresholds=BESIDE)``: ``thresholds.json`` next to the checkpoint when there is one."""
 
 
-@dataclass(frozen=True)
 class ModelBundle:
-    """A checkpoint opened for inference, with the settings that decide its outputs."""
+    """A checkpoint opened for inference, with the settings that decide its outputs.
 
-    network: CellMaskRCNN
-    checkpoint: Path
-    state: dict  # the checkpoint's contents (training params, epoch, ...)
-    predict: PredictParams  # params.yaml's, with the tuned thresholds
-    postproc: PostprocParams
-    thresholds_file: Path | None  # where the tuned thresholds came from (None: params.yaml's own)
-    data_mpp: float  # params.yaml's data.mpp: the resolution assumed for a checkpoint that records none
+    ``predict`` and ``postproc`` are params.yaml's sections with the tuned thresholds applied, computed when
+    first used (a command reads only the settings it uses: DVC's params lists stay exact)."""
+
+    def __init__(
+        self,
+        network: CellMaskRCNN,
+        checkpoint: Path,
+        state: dict,
+        params: Params,
+        thresholds_file: Path | None,
+    ) -> None:
+        self.network, self.checkpoint, self.state = network, checkpoint, state
+        self.thresholds_file = thresholds_file  # where the tuned thresholds come from (None: params.yaml's)
+        self._params = params
+
+    @cached_property
+    def predict(self) -> PredictParams:
+        return tuned_predict_params(self._params.predict, self.thresholds_file)
+
+    @cached_property
+    def postproc(self) -> PostprocParams:
+        return tuned_postproc_params(self._params.postproc, self.thresholds_file)
 
     @property
     def rule(self) -> NucleusRule:
@@ -56,22 +70,24 @@ class ModelBundle:
     def mpp(self) -> float:
         """The resolution the model was trained at (``data.mpp`` saved in the checkpoint), in µm/px; params.yaml's
         for a checkpoint older than the setting (:attr:`records_mpp`: the commands that rescale warn)."""
-        return float(self.trained_params["data"]["mpp"] if self.records_mpp else self.data_mpp)
+        return float(self.trained_params["data"]["mpp"] if self.records_mpp else self._params.data.mpp)
 
     @property
     def class_names(self) -> tuple[str, ...]:
         return CLASS_NAMES
 
-    def provenance(self, **settings) -> dict:
+    def provenance(self, postproc: bool = True, **settings) -> dict:
         """The record written beside a result: the checkpoint (path, sha256, size, epochs, training params),
-        the cellseg version, the thresholds file and the inference settings, plus ``settings``."""
-        return {
+        the cellseg version, the thresholds file and the inference settings (``postproc``: with the map-guided
+        steps' settings, for the outputs that apply them), plus ``settings``."""
+        record = {
             **provenance(self.checkpoint, self.state),
             "thresholds": str(self.thresholds_file) if self.thresholds_file else None,
             "predict": as_dict(self.predict),
-            "postproc": as_dict(self.postproc),
-            **settings,
         }
+        if postproc:
+            record["postproc"] = as_dict(self.postproc)
+        return {**record, **settings}
 
     def describe_thresholds(self) -> str:
         """One line: the thresholds in use and where they came from."""
@@ -101,12 +117,6 @@ def open_model(
     if thresholds == BESIDE:
         thresholds = thresholds_beside(checkpoint)
     path = Path(thresholds) if thresholds is not None else None
-    return ModelBundle(
-        network,
-        checkpoint,
-        state,
-        tuned_predict_params(params.predict, path),
-        tuned_postproc_params(params.postproc, path),
-        path,
-        params.data.mpp,
-    )
+    bundle = ModelBundle(network, checkpoint, state, params, path)
+    _ = bundle.predict  # a bad thresholds file is an error now, before any work
+    return bundle

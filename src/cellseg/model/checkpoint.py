@@ -39,9 +39,11 @@ def save_checkpoint(
     best_score: float,
     history: list[dict],
     rng: list[dict] | None = None,
+    budget: dict | None = None,
 ) -> None:
     """Everything needed to resume or to rebuild the model, written atomically.
 
+    ``budget``: a time budget's plan and steps done (:mod:`cellseg.train.budget`), ``None`` for an epoch count.
     ``rng``: every rank's :func:`rng_state`, in rank order (this process's alone when not given). Everything but
     the tensors is saved as plain data (a numpy number in the history becomes a Python one), so the file loads
     with ``weights_only=True``; anything else is a :class:`~cellseg.model.safe_load.NotWeightsOnlyError` here,
@@ -57,6 +59,7 @@ def save_checkpoint(
         "best_score": float(best_score),
         "history": plain(history),
         "rng": plain(rng if rng is not None else [rng_state()]),
+        "budget": plain(budget),
     }
     check_weights_only(state, str(path))
     with atomic_file(path) as tmp:

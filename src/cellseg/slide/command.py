@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None, prog: str = "cellseg slide") -> None:
             f"params.yaml's {model.mpp} µm/px",
             file=sys.stderr,
         )
-    record = model.provenance(slide=as_dict(settings))
+    record = model.provenance(postproc=False, slide=as_dict(settings))  # slides use no map-guided steps
     stems = {}
     for slide in args.slides:
         stem = slide_stem(slide)

@@ -11,6 +11,8 @@ import math
 import os
 import random
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,18 @@ from cellseg.model.checkpoint import (
 )
 from cellseg.model.maskrcnn import CellMaskRCNN, build_model, count_parameters, download_pretrained
 from cellseg.params import Params, ParamsError
+from cellseg.train.budget import (
+    PRE_TRAIN_PER_IMAGE,
+    PRE_TRAIN_SECONDS,
+    STAGE_START_SECONDS,
+    TIMED_VAL_IMAGES,
+    BudgetClock,
+    BudgetPlan,
+    checkpoint_seconds,
+    cpu_isa,
+    make_plan,
+    median,
+)
 from cellseg.train.distributed import (
     DistInfo,
     barrier,
@@ -155,8 +169,12 @@ def train_one_epoch(
     epoch: int,
     params: Params,
     info: DistInfo,
+    after_step: Callable[[], bool] | None = None,
+    epochs_text: str | None = None,
 ) -> dict[str, float]:
     """One pass over the loader; returns the mean of every loss component and of the weighted total.
+
+    ``after_step`` (a time budget's clock) is called after each optimiser step; ``True`` ends the pass there.
 
     Each step's losses are reduced over ranks before the backward pass and read back in one host sync, so a
     non-finite loss on any rank stops every rank at the same step (none is left waiting in an all-reduce).
@@ -168,7 +186,7 @@ def train_one_epoch(
     dtype = autocast_dtype(params.train.precision, device)
     bar = tqdm(
         loader,
-        desc=f"epoch {epoch + 1}/{params.train.epochs}",
+        desc=f"epoch {epoch + 1}/{epochs_text or params.train.epochs}",
         unit="batch",
         disable=not info.is_main,
         leave=False,
@@ -199,6 +217,8 @@ def train_one_epoch(
         for key, value in zip(names, means, strict=True):
             sums[key] = sums.get(key, 0.0) + value
         bar.set_postfix(loss=f"{sums['loss'] / steps:.3f}")
+        if after_step is not None and after_step():
+            break
     return {k: v / max(steps, 1) for k, v in sums.items()}
 
 
@@ -271,8 +291,45 @@ def train(params: Params, paths: TrainPaths) -> dict:
         cleanup(info)
 
 
+def estimate_validation_seconds(model: CellMaskRCNN, paths: TrainPaths, params: Params, device) -> tuple:
+    """``(seconds of one validation pass, seconds per predicted image)``, from the inference time of a few
+    validation images (one untimed first) times the images a validation pass predicts."""
+    val = visible_files(paths.prepared / "val", (".npz",))
+    n_images = len(val) + min(
+        params.train.train_eval_images, len(visible_files(paths.prepared / "train", (".npz",)))
+    )
+    sample = val[: TIMED_VAL_IMAGES + 1] or visible_files(paths.prepared / "train", (".npz",))[:2]
+    model.eval()
+    times = []
+    for i, path in enumerate(sample):
+        image = load_npz(path)["image"]
+        start = time.perf_counter()
+        detect_and_select(model, image, params.predict, device)
+        if i or len(sample) == 1:
+            times.append(time.perf_counter() - start)
+    model.train()
+    per_image = median(times) if times else 0.0
+    return per_image * n_images * 1.1, per_image  # +10%: scoring, the heads' map losses
+
+
+def _pipeline_reserve(params: Params, paths: TrainPaths, per_image: float) -> float:
+    """Seconds for the stages around training in a budgeted ``dvc exp run`` (``train.budget_scope: pipeline``):
+    prepare and maps before (estimated from the image count), tune, evaluate and submit after (each a process
+    start and a model load, then its images at the measured inference time: tune and evaluate predict the
+    validation split once each, as tune does with the default single ``tune.mask_grid`` value, submit the test
+    split). The train stage does not read ``tune.*`` (a tune grid must not retrain the model), so a grid of several
+    mask thresholds is not counted. The test count is read from ``data/prepared/test`` when it is there; it
+    changes only this estimate, never the weights' arithmetic."""
+    count = {s: len(visible_files(paths.prepared / s, (".npz",))) for s in ("train", "val", "test")}
+    before = PRE_TRAIN_SECONDS + PRE_TRAIN_PER_IMAGE * sum(count.values())
+    predicted = 2 * count["val"] + count["test"]
+    after = 3 * STAGE_START_SECONDS + per_image * params.predict.tta_views * predicted
+    return before + after
+
+
 def _train(params: Params, paths: TrainPaths, device: torch.device, info: DistInfo) -> dict:
     tp = params.train
+    stage_start = time.perf_counter()
     seed_everything(tp.seed + info.rank)
     run_on_main(lambda: download_pretrained(params.model), info)  # one download, not one per rank
     model = for_training(build_model(params.model, params.aux), device)
@@ -285,7 +342,13 @@ def _train(params: Params, paths: TrainPaths, device: torch.device, info: DistIn
         weight_decay=tp.weight_decay,
         fused=device.type in ("cpu", "cuda"),
     )
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tp.epochs)
+    clock = BudgetClock(tp.time_budget_min * 60.0, stage_start, tp.eval_every) if tp.time_budget_min else None
+    if clock is None:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tp.epochs)
+    else:  # stepped after every optimiser step: full lr through the warm-up, then the plan's cosine
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: clock.plan.lr_factor(step) if clock.plan else 1.0
+        )
     dtype = autocast_dtype(tp.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_epoch, best_score, history = 0, -math.inf, []
@@ -296,7 +359,21 @@ def _train(params: Params, paths: TrainPaths, device: torch.device, info: DistIn
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best_score, history = state["epoch"] + 1, state["best_score"], state["history"]
-        if schedule_changes:
+        if (clock is None) != (state.get("budget") is None):
+            raise ParamsError(
+                f"{last_path}: saved by a run {'with' if clock is None else 'without'} a time budget; resume "
+                "with the same train.time_budget_min (0 for an epoch count), or set train.resume=false"
+            )
+        if clock is not None:
+            clock.restore(state["budget"])
+            schedule_changes.pop("train.epochs", None)  # the plan decides the epochs
+            for key in ("train.time_budget_min", "train.budget_scope"):
+                if key in other_changes:
+                    old, new = other_changes.pop(key)
+                    print(f"resume: {key} {old} -> {new} ignored: the checkpoint's plan is kept")
+        if clock is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        elif schedule_changes:
             scheduler = cosine_from(optimizer, tp.epochs, tp.lr, tp.weight_decay, start_epoch)
         else:
             scheduler.load_state_dict(state["scheduler"])
@@ -371,14 +448,42 @@ def _train(params: Params, paths: TrainPaths, device: torch.device, info: DistIn
             f"precision {'fp32' if dtype is None else tp.precision}, {workers} loader workers, "
             f"{info.world_size} process{'es' if info.world_size > 1 else ''}"
         )
-    for epoch in range(start_epoch, tp.epochs):
+    plan_now = None
+    if clock is not None:
+
+        def plan_now(timed: list[float]) -> BudgetPlan:
+            val_seconds, per_image = estimate_validation_seconds(model, paths, params, device)
+            writes = 2 * checkpoint_seconds([model.state_dict(), optimizer.state_dict()])  # last.pt, best.pt
+            reserved = _pipeline_reserve(params, paths, per_image) if tp.budget_scope == "pipeline" else 0.0
+            plan = make_plan(
+                clock.budget_seconds, tp.budget_scope, clock.elapsed, clock.steps_done, len(loader),
+                median(timed), val_seconds, writes, reserved, tp.eval_every, cpu_isa(), str(device),
+            )  # fmt: skip
+            print(
+                f"\nbudget {tp.time_budget_min:g} min ({tp.budget_scope}): {plan.step_seconds:.3f} s a step, "
+                f"{plan.val_seconds:.1f} s a validation, {plan.reserved_seconds:.0f} s for the other stages, "
+                f"{plan.elapsed_at_plan:.0f} s spent -> {plan.planned_steps} steps = {plan.planned_epochs} epochs "
+                f"of {plan.steps_per_epoch} ({plan.isa})"
+            )
+            return plan
+
+    epoch = start_epoch
+    while clock.runs_epoch(epoch) if clock else epoch < tp.epochs:
         dataset.set_epoch(epoch)
         sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
-        losses = train_one_epoch(net, loader, optimizer, scaler, device, epoch, params, info)
-        scheduler.step()
+        if clock is not None:
+            clock.begin_epoch(epoch)
+            after_step = lambda: scheduler.step() or clock.after_step(plan_now)  # noqa: E731
+            epochs_text = str(clock.plan.planned_epochs) if clock.plan else "?"
+            losses = train_one_epoch(net, loader, optimizer, scaler, device, epoch, params, info, after_step,
+                                     epochs_text)  # fmt: skip
+        else:
+            losses = train_one_epoch(net, loader, optimizer, scaler, device, epoch, params, info)
+            scheduler.step()
         metrics = {}
-        if info.is_main and _is_eval_epoch(epoch, params):
+        evaluate = clock.is_eval_epoch(epoch) if clock else _is_eval_epoch(epoch, params)
+        if info.is_main and evaluate:
             metrics = _evaluate_epoch(model, paths, params, device)
         record = {"epoch": epoch + 1, "lr": lr, **{f"train/{k}": v for k, v in losses.items()}, **metrics}
         history.append(record)
@@ -391,16 +496,35 @@ def _train(params: Params, paths: TrainPaths, device: torch.device, info: DistIn
             score = _selection_score(metrics)
             improved = score is not None and score > best_score
             best_score = score if improved else best_score
+            budget = clock.state() if clock else None
             save_checkpoint(
-                last_path, model, optimizer, scheduler, scaler, epoch, params, best_score, history, rngs
+                last_path,
+                model,
+                optimizer,
+                scheduler,
+                scaler,
+                epoch,
+                params,
+                best_score,
+                history,
+                rngs,
+                budget,
             )
             if improved or not best_path.exists():
                 save_checkpoint(
-                    best_path, model, optimizer, scheduler, scaler, epoch, params, best_score, history, rngs
-                )
+                    best_path, model, optimizer, scheduler, scaler, epoch, params, best_score, history, rngs,
+                    budget,
+                )  # fmt: skip
             print(_epoch_line(record))
         barrier(info)
-    summary = {"epochs": tp.epochs, "best_score": best_score, "final": history[-1] if history else {}}
+        epoch += 1
+    summary = {
+        "epochs": epoch if clock else tp.epochs,
+        "best_score": best_score,
+        "final": history[-1] if history else {},
+    }
+    if clock is not None:
+        summary["budget"] = clock.summary(tp.batch_size)
     if info.is_main:
         live.end()
         write_json(paths.models / "summary.json", summary)
