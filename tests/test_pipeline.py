@@ -152,6 +152,7 @@ UNSEEN_IN_THE_TRACED_RUN = {
         "augment.stain_scale": "read only when augment.stain_p > 0",
         "augment.stain_shift": "read only when augment.stain_p > 0",
         "model.trainable_layers": "read only with pretrained weights (model.pretrained: none here)",
+        "train.budget_scope": "read only with a time budget (train.time_budget_min > 0)",
     },
     "tune": {
         "predict.label_score_threshold": "stored as it is only with tune.enabled: false",
@@ -163,6 +164,7 @@ UNSEEN_IN_THE_TRACED_RUN = {
     "slides": {
         "slide.input_dir": "read by DVC itself: ${slide.input_dir} in the stage's cmd and deps",
         "slide.retries": "read only with a Dask cluster (--workers > 1 or --scheduler)",
+        "data.mpp": "read only for a checkpoint that does not record its training resolution",
     },
 }
 """Keys a stage reads only under settings the traced run does not use: listed in dvc.yaml all the same."""

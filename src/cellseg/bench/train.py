@@ -393,10 +393,16 @@ def recipe_main(args: argparse.Namespace) -> None:
         key, _, value = item.partition("=")
         overrides[key] = yaml.safe_load(value)
     precision = args.precision[0] if args.precision else "bf16"
-    if args.device == "cpu" and precision == "bf16":
+    if args.device == "cpu":
+        from cellseg.train.budget import cpu_isa
         from cellseg.train.loop import cpu_supports_bf16
 
-        if not cpu_supports_bf16():
+        onednn = os.environ.get("ONEDNN_MAX_CPU_ISA")
+        print(
+            f"instruction set: {cpu_isa()}{f' (ONEDNN_MAX_CPU_ISA={onednn})' if onednn else ''}; torch "
+            f"{torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}"
+        )
+        if precision == "bf16" and not cpu_supports_bf16():
             print("note: this CPU has no native bf16 (avx512_bf16/amx_bf16): the new step trains in fp32")
     params = load_params(overrides=overrides)
     with tempfile.TemporaryDirectory() as tmp:
@@ -410,8 +416,11 @@ def recipe_main(args: argparse.Namespace) -> None:
         )
         data = (str(train), str(maps))
         speed = {} if args.no_speed_settings else RECIPE_SPEED
-        if speed:
-            print("new step also: " + ", ".join(f"{k}={v}" for k, v in speed.items()))
+        settings = [f"train.precision={precision}"]
+        if args.device == "cpu":
+            settings.append("channels-last weights (RoI pooling on cpu_roi_align's gather)")
+        settings += [f"{k}={v}" for k, v in speed.items()]
+        print("new step's speed settings: " + ", ".join(settings))
         rows = []
         for _ in range(args.rounds):
             for new, prec, label in ((False, "fp32", "today: fp32"), (True, precision, f"new: {precision}")):
