@@ -218,3 +218,11 @@ def test_bf16_on_a_cpu_keeps_fp32_weights_and_resumes_in_fp32(
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights)
     train(tiny_params(train__epochs=2, train__resume=True, train__precision="fp32", **small), paths)
     assert load_checkpoint(paths.models / LAST)["epoch"] == 1
+
+
+@pytest.mark.parametrize(("name", "value"), [("ATEN_CPU_CAPABILITY", "avx2"), ("ONEDNN_MAX_CPU_ISA", "AVX2")])
+def test_a_cpu_told_to_behave_like_avx2_has_no_bf16(monkeypatch, name: str, value: str) -> None:
+    """How the AVX2 path is measured on a machine with AVX-512: bf16 autocast must then fall back to fp32 too."""
+    monkeypatch.setenv(name, value)
+    assert not train_module.cpu_supports_bf16()
+    assert train_module.autocast_dtype("bf16", torch.device("cpu")) is None

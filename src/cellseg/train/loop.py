@@ -105,7 +105,12 @@ def check_inputs(params: Params, paths: TrainPaths) -> None:
 def cpu_supports_bf16() -> bool:
     """Whether this CPU has native bfloat16 arithmetic (AVX512-BF16 or AMX), so bf16 autocast pays.
 
-    Without it oneDNN emulates bf16 and a step gets slower, not faster."""
+    Without it oneDNN emulates bf16 and a step gets slower, not faster. ``ATEN_CPU_CAPABILITY=avx2`` or
+    ``ONEDNN_MAX_CPU_ISA=AVX2`` (how a machine with AVX-512 behaves like an AVX2-only one) count as no bf16."""
+    if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("avx2", "default") or os.environ.get(
+        "ONEDNN_MAX_CPU_ISA", ""
+    ).upper() in ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"):
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
