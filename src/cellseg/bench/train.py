@@ -393,9 +393,10 @@ def recipe_main(args: argparse.Namespace) -> None:
         key, _, value = item.partition("=")
         overrides[key] = yaml.safe_load(value)
     precision = args.precision[0] if args.precision else "bf16"
+    from cellseg.train.loop import cpu_supports_bf16
+
     if args.device == "cpu":
         from cellseg.train.budget import cpu_isa
-        from cellseg.train.loop import cpu_supports_bf16
 
         onednn = os.environ.get("ONEDNN_MAX_CPU_ISA")
         print(
@@ -423,7 +424,10 @@ def recipe_main(args: argparse.Namespace) -> None:
         print("new step's speed settings: " + ", ".join(settings))
         rows = []
         for _ in range(args.rounds):
-            for new, prec, label in ((False, "fp32", "today: fp32"), (True, precision, f"new: {precision}")):
+            effective = precision
+            if args.device == "cpu" and precision == "bf16" and not cpu_supports_bf16():
+                effective = "fp32 (no native bf16)"
+            for new, prec, label in ((False, "fp32", "today: fp32"), (True, precision, f"new: {effective}")):
                 if new and args.device == "cpu":
                     label += " + channels-last"
                 if new and speed:
