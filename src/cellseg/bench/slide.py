@@ -118,18 +118,10 @@ def _mosaic(folder: Path):
 
 def _slide_instances(summary, predict):
     """The nuclei a slide run wrote, from its kept block files (slide model pixels)."""
-    from cellseg.instances import Instances
-    from cellseg.slide.assemble import slide_nuclei
+    from cellseg.slide.assemble import concat_instances, slide_nuclei
 
-    chunks = list(
-        slide_nuclei(summary.work, summary.grid, summary.tissue_blocks, summary.job, _rule(predict))
-    )
-    h, w = summary.job.height, summary.job.width
-    return Instances(
-        h, w,
-        np.concatenate([c.labels for c in chunks]), np.concatenate([c.scores for c in chunks]),
-        np.concatenate([c.offsets for c in chunks]).reshape(-1, 2), [x for c in chunks for x in c.crops],
-    )  # fmt: skip
+    chunks = slide_nuclei(summary.work, summary.grid, summary.tissue_blocks, summary.job, _rule(predict))
+    return concat_instances(list(chunks), summary.job.height, summary.job.width)
 
 
 def _match(a, b) -> tuple[int, int, int]:
@@ -163,8 +155,8 @@ def bench_seams(checkpoint: Path, folder: Path) -> float:
 
     from cellseg.eval.nuclei_metrics import score_split
     from cellseg.infer.detect import detect_image
-    from cellseg.instances import Instances
     from cellseg.nuclei import nuclei
+    from cellseg.slide.assemble import concat_instances
     from cellseg.slide.run import _model
 
     params, predict = _settings(checkpoint)
@@ -185,11 +177,7 @@ def bench_seams(checkpoint: Path, folder: Path) -> float:
                 inst = nuclei(inst, rule)  # each image's own nuclei
                 inst.offsets = inst.offsets + np.array([i * cell, j * cell])
                 parts.append(inst)
-    tiled = Instances(
-        TISSUE, TISSUE,
-        np.concatenate([p.labels for p in parts]), np.concatenate([p.scores for p in parts]),
-        np.concatenate([p.offsets for p in parts]).reshape(-1, 2), [c for p in parts for c in p.crops],
-    )  # fmt: skip
+    tiled = concat_instances(parts, TISSUE, TISSUE)
     with torch.inference_mode():
         one, _ = detect_image(model, image, predict)  # the mosaic as one image: same tiles, no blocks
     one = nuclei(one, rule)

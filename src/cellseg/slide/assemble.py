@@ -80,7 +80,8 @@ def _meets(boxes: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
     return (boxes[:, 0] < y1) & (boxes[:, 2] > y0) & (boxes[:, 1] < x1) & (boxes[:, 3] > x0)
 
 
-def _concat(parts: list[Instances], height: int, width: int) -> Instances:
+def concat_instances(parts: list[Instances], height: int, width: int) -> Instances:
+    """One instance set of ``height × width`` from several whose offsets are already in its frame."""
     parts = [p for p in parts if len(p)]
     if not parts:
         return Instances(height, width)
@@ -124,17 +125,6 @@ class _Interiors:
         return self._cache[block.name]
 
 
-def _max_extent(work: Path, blocks: list[Block], seams: Instances) -> int:
-    """The largest side of any detection's box (reads only the blocks' shape arrays)."""
-    extent = int(max((max(c.shape) for c in seams.crops), default=0))
-    for block in blocks:
-        with np.load(work / "blocks" / f"{block.name}.npz") as arrays:
-            shapes = arrays["interior_shapes"]
-            if len(shapes):
-                extent = max(extent, int(shapes.max()))
-    return extent
-
-
 def slide_nuclei(
     work: Path, grid: list[Block], blocks: list[Block], job, rule: NucleusRule
 ) -> Iterator[Instances]:
@@ -144,16 +134,18 @@ def slide_nuclei(
     ``job``: the :class:`.run.SlideJob` (the slide's size in model pixels).
     """
     height, width = job.height, job.width
-    seam_parts = []
+    seam_parts, extent = [], 0  # extent: the largest side of any detection's box, interior or seam
     for block in blocks:
         with np.load(work / "blocks" / f"{block.name}.npz") as arrays:
             w = block.window
             seam_parts.append(unpack(arrays, "seam_", w.height, w.width))
+            shapes = np.concatenate([arrays["interior_shapes"], arrays["seam_shapes"]]).reshape(-1, 2)
+            extent = max(extent, int(shapes.max(initial=0)))
     seams = resolve_seams(seam_parts, blocks, height, width) if blocks else Instances(height, width)
     seams = seams.select(rule.candidates(seams))
     seam_boxes = _boxes(seams)
     seam_anchors = _anchors(seam_boxes)
-    margin = context_margin(_max_extent(work, blocks, seams))
+    margin = context_margin(max(extent, int(max((max(c.shape) for c in seams.crops), default=0))))
     block_side = min((b.window.height for b in grid), default=1)
     interiors = _Interiors(work, blocks, height, width, keep_rows=margin // max(block_side, 1) + 1)
     with_tissue = {b.name for b in blocks}
@@ -170,7 +162,7 @@ def slide_nuclei(
                  for inst, boxes in interiors.near(context, block.row)]  # fmt: skip
         near_seams = _meets(seam_boxes, context)
         parts.append((seams.select(near_seams), seam_boxes[near_seams]))
-        candidates = _concat([p for p, _ in parts], height, width)
+        candidates = concat_instances([p for p, _ in parts], height, width)
         if not len(candidates):
             continue
         boxes = np.concatenate([b for _, b in parts]).reshape(-1, 4)

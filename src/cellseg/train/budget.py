@@ -225,9 +225,3 @@ def checkpoint_seconds(state_dicts: list[dict]) -> float:
     for state in state_dicts:
         torch.save(state, io.BytesIO())
     return time.perf_counter() - start
-
-
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2

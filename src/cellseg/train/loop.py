@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -49,7 +50,6 @@ from cellseg.train.budget import (
     checkpoint_seconds,
     cpu_isa,
     make_plan,
-    median,
 )
 from cellseg.train.distributed import (
     DistInfo,
