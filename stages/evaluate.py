@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         args.per_image_csv,
         args.maps,
     )
-    print(summary(evaluate_checkpoint(paths, params, device, model)))
+    print(summary(evaluate_checkpoint(paths, params, device, model), model.class_names))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params()
     summary = prepare_dataset(
-        args.raw_dir, args.prepared_dir, args.split_file, args.summary_file, params.data
+        args.raw_dir, args.prepared_dir, args.split_file, args.summary_file, params.data, params.classes
     )
     print(json.dumps(summary, indent=2))
 

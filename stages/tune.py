@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params()
     device = select_device(params.predict.device, "predict.device")
     model = open_model(args.checkpoint, params, device, thresholds=None)  # params.yaml's: it tunes them
+    files = list_samples(args.val_dir)
     thresholds = tune_thresholds(
-        model.network, list_samples(args.val_dir), model.predict, params.tune, device, model.postproc
+        model.network, files, model.predict, params.tune, device, model.num_classes, model.postproc
     )
     write_json(args.thresholds_json, thresholds)
     print(json.dumps({k: v for k, v in thresholds.items() if k != "tried"}, indent=2))

@@ -111,7 +111,9 @@ def tiny_project(tmp_path_factory) -> dict:
     params = tiny_params()
     with atomic_dir(root / "raw") as tmp:
         write_dataset(tmp, params.synth)
-    prepare_dataset(root / "raw", root / "prepared", root / "split.json", root / "data.json", params.data)
+    prepare_dataset(
+        root / "raw", root / "prepared", root / "split.json", root / "data.json", params.data, params.classes
+    )
     write_maps(root / "prepared", root / "maps", root / "previews", params.maps)
     paths = TrainPaths(root / "prepared", root / "maps", root / "models", root / "live")
     train(params, paths)

@@ -21,7 +21,7 @@ CPU = torch.device("cpu")
 def _save(path: Path, params) -> torch.nn.Module:
     """A real checkpoint, as training writes it, of a freshly built model with slightly moved weights."""
     torch.manual_seed(0)
-    model = build_model(params.model, params.aux)
+    model = build_model(params.model, params.aux, len(params.classes))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -66,7 +66,7 @@ def test_imagenet_pretrained_checkpoint_round_trips(tmp_path: Path, monkeypatch)
 
 def _foreign_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     params = tiny_params()
-    model = build_model(params.model, params.aux)
+    model = build_model(params.model, params.aux, len(params.classes))
     files = {}
 
     def add(name: str, obj, message: str) -> None:

@@ -54,7 +54,8 @@ def _rescore(paths: EvalPaths, max_dets: list[int]) -> COCOeval:
     images = json.loads((paths.predictions / "val-images.json").read_text())
     results = json.loads((paths.predictions / "val-results.json").read_text())
     gt = to_coco_ground_truth(
-        [(im["id"], im["name"], load_labelled(paths.val_dir / f"{im['name']}.npz")[1]) for im in images]
+        [(im["id"], im["name"], load_labelled(paths.val_dir / f"{im['name']}.npz", 4)[1]) for im in images],
+        [f"class{k}" for k in range(1, 5)],
     )
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO()
@@ -136,7 +137,7 @@ def test_stage_writes_every_output_with_its_schema(stage_run) -> None:
     assert [im["id"] for im in images] == list(range(1, len(samples) + 1))
     assert [im["name"] for im in images] == sorted(p.stem for p in samples)
     for im in images:
-        image, _ = load_labelled(paths.val_dir / f"{im['name']}.npz")
+        image, _ = load_labelled(paths.val_dir / f"{im['name']}.npz", 4)
         assert (im["height"], im["width"]) == image.shape[:2]
 
     results = json.loads((paths.predictions / "val-results.json").read_text())
@@ -182,13 +183,13 @@ def test_rescoring_agrees_on_non_trivial_predictions(tiny_project, tmp_path: Pat
     """Ground truth shifted, partly missed and relabelled, plus spurious discs: a mid-range AP50."""
     params = tiny_params()
     files = list_samples(tiny_project["prepared"] / "val")
-    ground_truth = [load_labelled(f)[1] for f in files]
+    ground_truth = [load_labelled(f, 4)[1] for f in files]
     rng = np.random.default_rng(0)
     predictions = [
         noisy_predictions(rng, gt, shift=1, p_miss=0.3, p_relabel=0.3, n_false=4) for gt in ground_truth
     ]
     scored = score_predictions(
-        [f.stem for f in files], ground_truth, predictions, params.predict.max_per_image
+        [f.stem for f in files], ground_truth, predictions, params.predict.max_per_image, 4
     )
     paths = _paths(tmp_path, tiny_project["models"] / "best.pt", files[0].parent)
     metrics = write_evaluation(scored, files, paths, params)
@@ -238,7 +239,7 @@ def crafted(tmp_path: Path) -> tuple[list[Path], Instances, Instances]:
     path = tmp_path / "val" / "sample-a.npz"
     path.parent.mkdir()
     save_train_npz(path, np.full((H, W, 3), 200, np.uint8), labels)
-    gt = load_labelled(path)[1]
+    gt = load_labelled(path, 4)[1]
     pred = _instances([A, C, D, B], [1, 1, 3, 1], [0.9, 0.8, 0.7, 0.1])
     return [path], gt, pred
 
@@ -247,7 +248,7 @@ def test_pr_and_confusion_files_of_a_known_case(crafted, tmp_path: Path) -> None
     files, gt, pred = crafted
     params = tiny_params()
     assert params.evaluate.confusion_score_threshold == 0.5
-    scored = score_predictions(["sample-a"], [gt], [pred], params.predict.max_per_image)
+    scored = score_predictions(["sample-a"], [gt], [pred], params.predict.max_per_image, 4)
     paths = _paths(tmp_path / "out", tmp_path / "unused.pt", files[0].parent)
     write_evaluation(scored, files, paths, params)
 
@@ -279,7 +280,7 @@ def test_nuclei_metrics_and_worst_overlays_of_a_known_case(crafted, tmp_path: Pa
     )  # every crafted prediction enters the label maps
     assert params.evaluate.n_overlays == 1
     scored = score_predictions(
-        ["sample-0-perfect", "sample-a"], [gt, gt], [gt, pred], params.predict.max_per_image
+        ["sample-0-perfect", "sample-a"], [gt, gt], [gt, pred], params.predict.max_per_image, 4
     )
     paths = _paths(tmp_path / "out", tmp_path / "unused.pt", files[0].parent)
     metrics = write_evaluation(scored, [perfect_path, files[0]], paths, params)
@@ -304,10 +305,8 @@ def test_nuclei_metrics_and_worst_overlays_of_a_known_case(crafted, tmp_path: Pa
 
 def test_overlay_counts_each_outcome(crafted, tmp_path: Path) -> None:
     files, gt, pred = crafted
-    image, _ = load_labelled(files[0])
-    counts = save_overlay(
-        tmp_path / "o.png", image, gt, pred, "sample-a", score_threshold=0.5, iou_threshold=0.5
-    )
+    image, _ = load_labelled(files[0], 4)
+    counts = save_overlay(tmp_path / "o.png", image, gt, pred, "sample-a", 0.5, 0.5, ("a", "b", "c", "d"))
     assert counts == {"true positive": 1, "wrong class": 1, "false positive": 1, "missed (ground truth)": 1}
     assert Image.open(tmp_path / "o.png").format == "PNG"
 
@@ -391,7 +390,7 @@ def test_map_comparison_draws_the_predicted_maps_against_the_stored_targets(
         path.write_bytes(b"png")
 
     monkeypatch.setattr(evaluate_module, "save_map_comparison", record)
-    scored = score_predictions(["sample-0-perfect", "sample-a"], [gt, gt], [gt, pred], 100)
+    scored = score_predictions(["sample-0-perfect", "sample-a"], [gt, gt], [gt, pred], 100, 4)
     paths = dataclasses.replace(
         _paths(tmp_path / "out", tmp_path / "unused.pt", files[0].parent), maps_dir=maps_dir
     )
@@ -482,7 +481,7 @@ def test_failure_while_writing_keeps_the_previous_outputs(crafted, tmp_path: Pat
         raise OSError("disk full")
 
     monkeypatch.setattr(evaluate_module, "save_overlay", broken_overlay)
-    scored = score_predictions(["sample-a"], [gt], [pred], 100)
+    scored = score_predictions(["sample-a"], [gt], [pred], 100, 4)
     with pytest.raises(OSError, match="disk full"):
         write_evaluation(scored, files, paths, tiny_params())
     _assert_untouched(paths, previous=True)
@@ -495,7 +494,7 @@ def test_stale_target_maps_are_named_and_keep_the_previous_outputs(crafted, tmp_
         _paths(tmp_path / "out", tmp_path / "unused.pt", files[0].parent), maps_dir=maps_dir
     )
     _write_previous(paths)
-    scored = score_predictions(["sample-a"], [gt], [pred], 100)
+    scored = score_predictions(["sample-a"], [gt], [pred], 100, 4)
     maps = ProbMaps(np.zeros((H, W), np.float32), np.zeros((H, W), np.float32))
     with pytest.raises(DataFormatError, match=re.escape(f"{maps_dir / 'sample-a.npz'}: 'center' map")):
         write_evaluation(scored, files, paths, tiny_params(), predict_maps=lambda image: maps)
@@ -508,7 +507,7 @@ def test_predictions_do_not_depend_on_the_samples_before_them(tiny_project) -> N
     sample (a 40-px image gives stride 2 for 4) must not spoil the samples after it (``model.set_roi_scales``)."""
     params = dataclasses.replace(tiny_params().predict, score_threshold=0.0)
     files = list_samples(tiny_project["prepared"] / "val")
-    large = max((load_labelled(f)[0] for f in files), key=lambda im: im.shape[0] * im.shape[1])
+    large = max((load_labelled(f, 4)[0] for f in files), key=lambda im: im.shape[0] * im.shape[1])
     assert min(large.shape[:2]) >= 128
     tiny = large[:40, :40]  # the real test set has images from 33x35 px
     fresh, _ = load_trained_model(tiny_project["models"] / "best.pt", CPU)

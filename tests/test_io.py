@@ -42,7 +42,7 @@ def test_real_image_is_rgba_lzw_and_reads_as_rgb(real_fixture: Path) -> None:
 
 
 def test_real_masks_share_one_id_counter_and_absent_classes_are_empty(real_fixture: Path) -> None:
-    (sample,) = list_train_samples(real_fixture)
+    (sample,) = list_train_samples(real_fixture, 4)
     assert sample.class_paths[2] is None and sample.class_paths[3] is None
     assert tifffile.imread(sample.class_paths[0]).dtype == np.float64
     image, labels = read_train_sample(sample)
@@ -131,15 +131,15 @@ def test_train_folder_without_image(tmp_path: Path) -> None:
     make_raw_dataset(tmp_path)
     (tmp_path / "train" / "sample-01" / "image.tif").unlink()
     with pytest.raises(DataFormatError, match=r"sample-01: train folder without image\.tif"):
-        list_train_samples(tmp_path)
+        list_train_samples(tmp_path, 4)
 
 
 def test_no_samples_and_no_train_folder(tmp_path: Path) -> None:
     with pytest.raises(DataFormatError, match="train: missing folder"):
-        list_train_samples(tmp_path)
+        list_train_samples(tmp_path, 4)
     (tmp_path / "train").mkdir()
     with pytest.raises(DataFormatError, match="train: no samples"):
-        list_train_samples(tmp_path)
+        list_train_samples(tmp_path, 4)
 
 
 def test_test_image_missing_from_mapping_and_vice_versa(tmp_path: Path) -> None:
@@ -235,13 +235,28 @@ def test_float32_ids_above_2_24_are_an_error(tmp_path: Path) -> None:
     assert read_label(tmp_path / "class1.tif", (4, 4)).max() == 2**24
 
 
-@pytest.mark.parametrize("name", ["Class1.tif", "class1.tiff", "class5.tif", "CLASS2.TIF", "image.tiff"])
+@pytest.mark.parametrize("name", ["Class1.tif", "class1.tiff", "class0.tif", "CLASS2.TIF", "image.tiff"])
 def test_misnamed_class_or_image_file_is_an_error(tmp_path: Path, name: str) -> None:
     folder = tmp_path / "train" / "s"
     write_raw_train_sample(folder, np.zeros((8, 8, 3), np.uint8), {})
     write_label_tif(folder / name, disk_labels((8, 8), [(4, 4)], 2, first_id=1))
     with pytest.raises(DataFormatError, match=rf"s/{name}: unexpected file name; a sample holds exactly"):
-        list_train_samples(tmp_path)
+        list_train_samples(tmp_path, 4)
+
+
+def test_a_class_file_beyond_the_classes_is_an_error_naming_it(tmp_path: Path) -> None:
+    """class<k>.tif holds the k-th name of `classes`: a file past the last name would train as background."""
+    folder = tmp_path / "train" / "s"
+    write_raw_train_sample(folder, np.zeros((8, 8, 3), np.uint8), {1: disk_labels((8, 8), [(4, 4)], 2, 1)})
+    write_label_tif(folder / "class5.tif", disk_labels((8, 8), [(2, 2)], 1, first_id=2))
+    with pytest.raises(
+        DataFormatError, match=r"s/class5\.tif: class 5, but `classes` in params.yaml has 4 name"
+    ):
+        list_train_samples(tmp_path, 4)
+    (sample,) = list_train_samples(tmp_path, 6)  # six classes: class5.tif is the fifth, class6.tif absent
+    assert [p is None for p in sample.class_paths] == [False, True, True, True, False, True]
+    image, labels = read_train_sample(sample)
+    assert labels.shape == (6, 8, 8) and labels[4].max() == 2 and labels[0].max() == 1
 
 
 def test_other_unexpected_files_in_a_sample_warn(tmp_path: Path) -> None:
@@ -252,7 +267,7 @@ def test_other_unexpected_files_in_a_sample_warn(tmp_path: Path) -> None:
     with pytest.warns(
         DataWarning, match=r"s/notes\.txt: unexpected file in a sample folder, ignored"
     ) as record:
-        (sample,) = list_train_samples(tmp_path)
+        (sample,) = list_train_samples(tmp_path, 4)
     assert len(record) == 1 and sample.name == "s"
 
 

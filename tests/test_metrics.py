@@ -19,6 +19,8 @@ from cellseg.rle import to_coco_ground_truth, to_coco_results
 
 CAP = 300
 
+K4 = ("class1", "class2", "class3", "class4")
+
 
 def _instances(height: int, width: int, crops, offsets, labels, scores=None) -> Instances:
     n = len(crops)
@@ -34,7 +36,7 @@ def _instances(height: int, width: int, crops, offsets, labels, scores=None) -> 
 
 def _cocoeval(ground_truth, predictions, max_dets=None, keep_bbox=False) -> COCOeval:
     """pycocotools' COCOeval on the same data, through COCO documents (no torchmetrics involved)."""
-    gt = to_coco_ground_truth([(i + 1, f"{i}.tif", g) for i, g in enumerate(ground_truth)])
+    gt = to_coco_ground_truth([(i + 1, f"{i}.tif", g) for i, g in enumerate(ground_truth)], K4)
     results = [row for i, p in enumerate(predictions) for row in to_coco_results(p, i + 1)]
     if not keep_bbox:
         # loadRes takes a result's area from its bbox when there is one (the box area, not the mask area), which
@@ -74,7 +76,7 @@ def scenes() -> tuple[list[Instances], list[Instances]]:
 @pytest.fixture(scope="module")
 def scored(scenes) -> tuple[Evaluation, COCOeval]:
     gts, preds = scenes
-    return evaluate(gts, preds, CAP), _cocoeval(gts, preds, max_dets=[1, 100, CAP])
+    return evaluate(gts, preds, CAP, 4), _cocoeval(gts, preds, max_dets=[1, 100, CAP])
 
 
 def test_figures_equal_pycocotools_cocoeval(scenes, scored) -> None:
@@ -121,7 +123,7 @@ def _touching_squares(rows: int, cols: int, side: int) -> Instances:
 def test_perfect_dense_image_scores_one_only_at_the_dense_cap() -> None:
     gt = _touching_squares(10, 15, 8)  # 150 touching squares of class 1
     pred = _instances(gt.height, gt.width, gt.crops, gt.offsets, gt.labels, np.linspace(1, 0.1, len(gt)))
-    metrics = evaluate([gt], [pred], max_detections=200).metrics
+    metrics = evaluate([gt], [pred], max_detections=200, num_classes=4).metrics
     assert metrics["map"] == metrics["map_50"] == metrics["map_class1"] == metrics["mar"] == 1.0
     # At 100 detections only the 100 best-scored squares count: recall stops at 100/150 = 0.667 with
     # precision 1, so 67 of the 101 recall thresholds (0.00 .. 0.66) have precision 1 and the rest 0.
@@ -136,7 +138,7 @@ def test_hand_computed_average_precision() -> None:
     partial = square.copy()
     partial[:2] = False  # 80 of the 100 pixels: IoU exactly 0.8
     pred = _instances(40, 40, [partial, square], [(0, 0), (0, 25)], [1, 1], [0.9, 0.8])
-    metrics = evaluate([gt], [pred], max_detections=100).metrics
+    metrics = evaluate([gt], [pred], max_detections=100, num_classes=4).metrics
     # Ranked: TP (0.9) gives precision 1 at recall 1/2; FP (0.8) gives precision 1/2 at recall 1/2. The
     # interpolated precision is 1 at the recall thresholds 0.00 .. 0.50 (51 of 101) and 0 above:
     ap_matched = 51 / 101
@@ -150,7 +152,7 @@ def test_hand_computed_average_precision() -> None:
 
 def test_no_predictions_score_zero_as_in_cocoeval() -> None:
     gt = _touching_squares(2, 3, 5)
-    metrics = evaluate([gt, gt], [Instances(gt.height, gt.width)] * 2, max_detections=100).metrics
+    metrics = evaluate([gt, gt], [Instances(gt.height, gt.width)] * 2, 100, num_classes=4).metrics
     assert metrics["map"] == metrics["map_50_at_100"] == metrics["ap50_class1"] == 0.0
     assert metrics["ap50_class3"] == -1.0
     assert metrics["n_predictions"] == 0
@@ -179,11 +181,11 @@ def test_confusion_matrix_hand_counted() -> None:
     expected[1, 1] = 1  # E: the better-scored prediction (0.95, IoU 0.67) wins over the exact one (0.6) ...
     expected[BACKGROUND, 2] = 1  # ... which is left as a false positive
     expected[BACKGROUND, 1] = 1  # a prediction over empty tissue
-    matrix = confusion_matrix([gt], [pred])
+    matrix = confusion_matrix([gt], [pred], 4)
     np.testing.assert_array_equal(matrix, expected)
     assert matrix[:4].sum(1).tolist() == [2, 2, 1, 0]  # row sums: ground truth per class
 
-    low = confusion_matrix([gt, gt], [pred, Instances(60, 60)], score_threshold=0.0)
+    low = confusion_matrix([gt, gt], [pred, Instances(60, 60)], 4, score_threshold=0.0)
     assert low[2, 2] == 1 and low[2, BACKGROUND] == 1  # C found in image 1, missed in image 2
     assert low[:4, BACKGROUND].sum() == 1 + len(gt)  # D, and all of image 2
 
@@ -191,19 +193,19 @@ def test_confusion_matrix_hand_counted() -> None:
 def test_inputs_are_checked() -> None:
     gt = _touching_squares(2, 2, 4)
     with pytest.raises(ValueError, match="prediction images"):
-        evaluate([gt], [], max_detections=100)
+        evaluate([gt], [], max_detections=100, num_classes=4)
     with pytest.raises(ValueError, match="image size"):
-        evaluate([gt], [Instances(3, 3)], max_detections=100)
+        evaluate([gt], [Instances(3, 3)], max_detections=100, num_classes=4)
     background = _instances(gt.height, gt.width, gt.crops[:1], gt.offsets[:1], [0])  # a torchvision "0" label
     with pytest.raises(ValueError, match="class ids"):
-        evaluate([gt], [background], max_detections=100)
+        evaluate([gt], [background], max_detections=100, num_classes=4)
 
 
 @pytest.mark.parametrize("backend", ["faster_coco_eval", "pycocotools"])
 def test_crop_rles_give_the_same_figures_as_full_masks(scenes, scored, backend) -> None:
     """RLEs encoded from the crops change nothing against pycocotools' encoding of full masks, on either backend."""
     gts, preds = scenes
-    through_update = evaluate(gts, preds, CAP, backend=backend, full_masks=True)
+    through_update = evaluate(gts, preds, CAP, 4, backend=backend, full_masks=True)
     assert through_update.metrics == pytest.approx(scored[0].metrics, abs=1e-12)
     np.testing.assert_allclose(through_update.pr_curves, scored[0].pr_curves, atol=1e-12)
 
@@ -216,7 +218,7 @@ def test_evaluation_uses_cocoeval_alone_without_torchmetrics() -> None:
         "from cellseg.eval.coco_metrics import evaluate\n"
         "rng = np.random.default_rng(0)\n"
         "gt = voronoi_ground_truth(rng, (64, 64), 12)\n"
-        "assert evaluate([gt], [noisy_predictions(rng, gt)], 300).metrics['map_50'] > 0\n"
+        "assert evaluate([gt], [noisy_predictions(rng, gt)], 300, 4).metrics['map_50'] > 0\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchmetrics'))\n"
     )
     run = subprocess.run(

@@ -88,7 +88,7 @@ def test_forward_backward_and_detect(arch: str, aux: bool) -> None:
 
 
 def _model_aux(params):
-    return params.model, params.aux
+    return params.model, params.aux, len(params.classes)
 
 
 def test_total_loss_weights_the_aux_terms() -> None:
@@ -103,8 +103,8 @@ def test_total_loss_weights_the_aux_terms() -> None:
 
 def test_without_aux_it_is_plain_mask_rcnn() -> None:
     params = _params()
-    with_aux = build_model(params.model, params.aux)
-    plain = build_model(params.model, _params(**{"aux.enabled": False}).aux)
+    with_aux = build_model(params.model, params.aux, 4)
+    plain = build_model(params.model, _params(**{"aux.enabled": False}).aux, 4)
     assert not hasattr(plain, "center_head") and not hasattr(plain, "boundary_head")
     c, h = with_aux.backbone.out_channels, params.aux.hidden_channels
     head = c * h * 9 + h + h * 1 + 1  # conv3x3 + bias, conv1x1 + bias
@@ -198,26 +198,26 @@ def test_mixed_precision_forward_and_backward_with_the_heads() -> None:
 def test_local_weights_file_loads_matching_tensors(tmp_path: Path) -> None:
     params = _params()
     torch.manual_seed(1)
-    source = build_model(params.model, params.aux)
+    source = build_model(params.model, params.aux, 4)
     torch.save({"model": source.state_dict(), "epoch": 3}, tmp_path / "ckpt.pt")  # a cellseg checkpoint
-    loaded = build_model(_params(**{"model.pretrained": str(tmp_path / "ckpt.pt")}).model, params.aux)
+    loaded = build_model(_params(**{"model.pretrained": str(tmp_path / "ckpt.pt")}).model, params.aux, 4)
     own = loaded.state_dict()
     assert len(own) > 100 and not any(k.endswith("num_batches_tracked") for k in own)  # BN frozen, as below
     for key, value in own.items():
         torch.testing.assert_close(value, source.state_dict()[key])
     torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(PretrainedWeightsError, match="other.pt: no tensor fits"):
-        build_model(_params(**{"model.pretrained": str(tmp_path / "other.pt")}).model, params.aux)
+        build_model(_params(**{"model.pretrained": str(tmp_path / "other.pt")}).model, params.aux, 4)
     with pytest.raises(PretrainedWeightsError, match="missing.pt is not a file"):
-        build_model(_params(**{"model.pretrained": str(tmp_path / "missing.pt")}).model, params.aux)
+        build_model(_params(**{"model.pretrained": str(tmp_path / "missing.pt")}).model, params.aux, 4)
     (tmp_path / "notes.pt").write_text("not a torch file")
     with pytest.raises(PretrainedWeightsError, match=r"notes\.pt: cannot read as a weights file"):
-        build_model(_params(**{"model.pretrained": str(tmp_path / "notes.pt")}).model, params.aux)
+        build_model(_params(**{"model.pretrained": str(tmp_path / "notes.pt")}).model, params.aux, 4)
     torch.save([torch.zeros(3)], tmp_path / "list.pt")
     with pytest.raises(
         PretrainedWeightsError, match=r"list\.pt: expected a state dict of tensors, found list"
     ):
-        build_model(_params(**{"model.pretrained": str(tmp_path / "list.pt")}).model, params.aux)
+        build_model(_params(**{"model.pretrained": str(tmp_path / "list.pt")}).model, params.aux, 4)
 
 
 def test_a_weights_file_trains_like_the_named_sources(tmp_path: Path, capsys) -> None:
@@ -225,11 +225,11 @@ def test_a_weights_file_trains_like_the_named_sources(tmp_path: Path, capsys) ->
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     params = _params()
-    state = build_model(params.model, params.aux).state_dict()
+    state = build_model(params.model, params.aux, 4).state_dict()
     state["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(3, 3)  # another head's shape
     torch.save(state, tmp_path / "weights.pt")
     pretrained = _params(**{"model.pretrained": str(tmp_path / "weights.pt"), "model.trainable_layers": 3})
-    model = build_model(pretrained.model, pretrained.aux)
+    model = build_model(pretrained.model, pretrained.aux, 4)
     body = model.backbone.body
     assert isinstance(body.bn1, FrozenBatchNorm2d) and isinstance(body.layer3[0].bn1, FrozenBatchNorm2d)
     assert not body.conv1.weight.requires_grad and not body.layer1[0].conv1.weight.requires_grad
@@ -251,10 +251,10 @@ def test_offline_download_fails_fast_with_a_clear_message(tmp_path: Path, monkey
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     params = _params(**{"model.pretrained": "imagenet"})
     with pytest.raises(PretrainedWeightsError, match=r"cannot download .*resnet18.*Offline\? .*checkpoints"):
-        build_model(params.model, params.aux)
+        build_model(params.model, params.aux, 4)
     coco = _params(**{"model.pretrained": "coco"})
     with pytest.raises(PretrainedWeightsError, match="no COCO Mask R-CNN for ResNet-18"):
-        build_model(coco.model, coco.aux)
+        build_model(coco.model, coco.aux, 4)
 
 
 def test_cached_imagenet_weights_are_used_without_network(tmp_path: Path, monkeypatch) -> None:
@@ -269,7 +269,7 @@ def test_cached_imagenet_weights_are_used_without_network(tmp_path: Path, monkey
     cached.parent.mkdir(parents=True)
     torch.save(stand_in, cached)
     params = _params(**{"model.pretrained": "imagenet", "model.trainable_layers": 3})
-    model = build_model(params.model, params.aux)
+    model = build_model(params.model, params.aux, 4)
     torch.testing.assert_close(model.backbone.body.conv1.weight, stand_in["conv1.weight"])
     assert not model.backbone.body.conv1.weight.requires_grad  # 3 trainable layers: layer2..4 only
     assert model.backbone.body.layer4[0].conv1.weight.requires_grad

@@ -78,7 +78,9 @@ def test_every_reader_refuses_it_and_runs_nothing(tmp_path: Path, legacy: bool) 
         "load_trained_model": lambda: load_trained_model(path, CPU),
         "load_checkpoint": lambda: load_checkpoint(path),
         "read_checkpoint": lambda: read_checkpoint(path),
-        "load_matching_weights": lambda: load_matching_weights(build_model(params.model, params.aux), path),
+        "load_matching_weights": lambda: load_matching_weights(
+            build_model(params.model, params.aux, len(params.classes)), path
+        ),
         "convert": lambda: convert_numpy_file(path, tmp_path / "new.pt"),
         "open_model": lambda: open_model(path, params, CPU),  # every command that predicts opens it so
     }
@@ -117,7 +119,7 @@ def test_every_command_refuses_it_in_one_line(verb: str, tmp_path: Path, capsys,
 # ------------------------------------------------------------------------------------------- what is saved
 def _save(path: Path, history: list[dict], best_score=0.5) -> None:
     params = tiny_params()
-    model = build_model(params.model, params.aux)
+    model = build_model(params.model, params.aux, len(params.classes))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 3)
     scaler = torch.amp.GradScaler("cpu", enabled=True)  # an fp16 run's scaler state too
@@ -186,7 +188,9 @@ def workdir(tmp_path_factory) -> Path:
     params = tiny_params(aux__enabled=False)
     (root / "params.yaml").write_text(yaml.safe_dump(params.to_dict()))
     make_raw_dataset(root / "raw", n_train=3, n_test=2)
-    prepare_dataset(root / "raw", root / "prepared", root / "split.json", root / "data.json", params.data)
+    prepare_dataset(
+        root / "raw", root / "prepared", root / "split.json", root / "data.json", params.data, params.classes
+    )
     write_json(root / "thresholds.json", untuned(params.predict))
     (root / "images").mkdir()
     shutil.copy(root / "raw" / "test_release" / "test-00.tif", root / "images" / "a.tif")

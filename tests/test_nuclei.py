@@ -146,8 +146,12 @@ def test_the_rule_of_the_params_never_keeps_what_the_detector_dropped() -> None:
     per_class = dataclasses.replace(predict, score_threshold=0.2, class_score_thresholds=[0.1, 0.5, 0.6, 0.7])
     assert NucleusRule.of(per_class).score_threshold == (0.2, 0.5, 0.6, 0.7)
     assert NucleusRule.of(per_class).lowest_threshold == 0.2
-    with pytest.raises(ValueError, match="4 values"):
-        NucleusRule((0.1, 0.2))
+    two = NucleusRule((0.1, 0.2))  # per class: one value per class of a two-class model
+    third = Instances.from_label_rows(
+        np.stack([np.zeros((4, 4), np.int32)] * 2 + [np.eye(4, dtype=np.int32)])
+    )
+    with pytest.raises(ValueError, match="class 3 has no score threshold: 2 per-class values"):
+        two.candidates(third)
     with pytest.raises(ValueError, match="min_kept_fraction"):
         NucleusRule(0.5, 1.5)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from cellseg.data.io import CLASS_FILES, read_label
+from cellseg.data.io import class_files, read_label
 from cellseg.eval.nuclei_metrics import UNDEFINED, Overlaps, count, score_split
 from cellseg.instances import Instances
 from cellseg.nuclei import DEFAULT_MIN_KEPT_FRACTION, NucleusRule, label_map, truth_label_map
@@ -94,7 +94,7 @@ def test_matches_stardist_on_random_label_maps() -> None:
     preds = [jitter(t, rng) for t in truths[:5]] + [random_discs(rng, 30)]
     truth_maps = [truth_label_map(t) for t in truths]
     pred_maps = [label_map(p, NucleusRule()) for p in preds]
-    scores = score_split([str(i) for i in range(6)], truths, preds, NucleusRule(0.0, 0.0))
+    scores = score_split([str(i) for i in range(6)], truths, preds, NucleusRule(0.0, 0.0), 4)
     assert sum(img.all.tp for img in scores.images) > 50  # the comparison covers many real pairs
     _assert_like_stardist([t.ids for t in truth_maps], [p.ids for p in pred_maps], scores)
 
@@ -104,7 +104,7 @@ def _consep_tiles(n: int) -> list[tuple[str, Instances]]:
     tiles = []
     for folder in folders:
         rows = np.zeros((4, 256, 256), np.int32)
-        for k, name in enumerate(CLASS_FILES):
+        for k, name in enumerate(class_files(4)):
             if (folder / name).exists():
                 rows[k] = read_label(folder / name, (256, 256))
         tiles.append((folder.name, Instances.from_label_rows(rows)))
@@ -119,7 +119,7 @@ def test_matches_stardist_on_real_nuclei() -> None:
     tiles = _consep_tiles(8)
     truths = [t for _, t in tiles]
     preds = [jitter(t, rng) for t in truths]
-    scores = score_split([name for name, _ in tiles], truths, preds, NucleusRule(0.0, 0.0))
+    scores = score_split([name for name, _ in tiles], truths, preds, NucleusRule(0.0, 0.0), 4)
     assert sum(img.all.tp for img in scores.images) > 100
     _assert_like_stardist(
         [truth_label_map(t).ids for t in truths], [label_map(p, NucleusRule()).ids for p in preds], scores
@@ -165,7 +165,7 @@ def test_mpq_plus_pools_per_class_over_the_split_by_hand() -> None:
         *shape, [(4, box(shape, slice(20, 30), slice(20, 30)), 0.7)]
     )  # a class-4 false positive
     scores = score_split(
-        ["a", "b"], [image_a, image_b], [pred_a, pred_b], NucleusRule(0.5, DEFAULT_MIN_KEPT_FRACTION)
+        ["a", "b"], [image_a, image_b], [pred_a, pred_b], NucleusRule(0.5, DEFAULT_MIN_KEPT_FRACTION), 4
     )
     m = scores.metrics
     # class 2 pooled: TP 1 (IoU .8), FP 1 (the mislabelled one), FN 1 (image b) -> .8 / (1 + .5 + .5) = .4
@@ -188,13 +188,14 @@ def test_empty_truth_empty_prediction_and_both() -> None:
         [empty, instances(*shape, nucleus), empty],
         [instances(*shape, nucleus), empty, empty],
         NucleusRule(0.5, DEFAULT_MIN_KEPT_FRACTION),
+        4,
     )
     rows = {r["name"]: r for r in scores.per_image_rows()}
     for name in ("no_truth", "no_pred"):
         assert rows[name]["pq"] == 0.0 and rows[name]["aji"] == 0.0 and rows[name]["f1"] == 0.0
     assert rows["neither"]["pq"] is None and rows["neither"]["aji"] is None  # left out of the mean
     assert scores.metrics["pq"] == 0.0
-    only_empty = score_split(["x"], [empty], [empty], NucleusRule(0.5, DEFAULT_MIN_KEPT_FRACTION)).metrics
+    only_empty = score_split(["x"], [empty], [empty], NucleusRule(0.5, DEFAULT_MIN_KEPT_FRACTION), 4).metrics
     assert (
         only_empty["pq"] == UNDEFINED
         and only_empty["mpq_plus"] == UNDEFINED
@@ -208,7 +209,7 @@ def test_perfect_prediction_scores_one() -> None:
         random_discs(rng, 30), NucleusRule()
     )  # one region per nucleus, as every predicted label map has
     inst = instances(128, 128, [(int(c), truth.ids == i + 1, 1.0) for i, c in enumerate(truth.classes)])
-    m = score_split(["t"], [inst], [inst], NucleusRule(0.5, DEFAULT_MIN_KEPT_FRACTION)).metrics
+    m = score_split(["t"], [inst], [inst], NucleusRule(0.5, DEFAULT_MIN_KEPT_FRACTION), 4).metrics
     for key in ("pq", "dq", "sq", "aji", "aji_plus", "dice2", "f1", "mpq_plus"):
         assert m[key] == pytest.approx(1.0), key
 
@@ -223,9 +224,9 @@ def test_a_split_of_many_tiles_equals_the_sum_of_its_single_images() -> None:
     # even tiles predicted exactly (PQ near 1), odd ones by unrelated discs (PQ near 0)
     preds = [t if i % 2 == 0 else random_discs(rng, 50, size=256) for i, t in enumerate(truths)]
     names = [str(i) for i in range(100)]
-    split = score_split(names, truths, preds, NucleusRule(0.2, DEFAULT_MIN_KEPT_FRACTION)).metrics
+    split = score_split(names, truths, preds, NucleusRule(0.2, DEFAULT_MIN_KEPT_FRACTION), 4).metrics
     alone = [
-        score_split([n], [t], [p], NucleusRule(0.2, DEFAULT_MIN_KEPT_FRACTION)).metrics
+        score_split([n], [t], [p], NucleusRule(0.2, DEFAULT_MIN_KEPT_FRACTION), 4).metrics
         for n, t, p in zip(names, truths, preds, strict=True)
     ]
     assert split["pq"] == pytest.approx(np.mean([m["pq"] for m in alone]))

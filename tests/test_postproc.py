@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cellseg import DEFAULT_CLASSES
 from cellseg.data.maps import compute_maps
 from cellseg.eval.plots import save_map_comparison
 from cellseg.infer.folder import predict_folder
@@ -202,6 +203,7 @@ def test_maps_of_another_size_are_refused() -> None:
     [
         ("postproc.peak_threshold", 1.5),
         ("postproc.recover_class", 0),
+        ("postproc.recover_class", 5),  # `classes` has four names
         ("postproc.rescore_weight", -0.1),
     ],
 )
@@ -263,7 +265,14 @@ def test_predict_folder_writes_the_maps_beside_the_labels(tmp_path: Path, fmt: s
     image = _echo_image(40, 50)
     Image.fromarray(image).save(tmp_path / "in" / "a.png")
     predict_folder(
-        MapEcho(), tmp_path / "in", tmp_path / "out", tiny_params().predict, torch.device("cpu"), None, fmt
+        MapEcho(),
+        tmp_path / "in",
+        tmp_path / "out",
+        tiny_params().predict,
+        torch.device("cpu"),
+        None,
+        fmt,
+        class_names=DEFAULT_CLASSES,
     )
     folder = tmp_path / "out" / "a"
     if fmt == "png":
@@ -292,6 +301,7 @@ def test_writing_maps_needs_a_model_with_heads(tmp_path: Path) -> None:
             torch.device("cpu"),
             None,
             "png",
+            class_names=DEFAULT_CLASSES,
         )
 
 

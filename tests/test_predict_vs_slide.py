@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from cellseg.data.io import CLASS_FILES, read_image, read_label
+from cellseg.data.io import class_files, read_image, read_label
 from cellseg.data.synth import ImageSpec, generate
 from cellseg.slide.synthetic import write_slide
 from conftest import ROOT, tiny_params
@@ -38,7 +38,7 @@ def _predicted(folder, shape) -> tuple[np.ndarray, np.ndarray]:
     """``cellseg predict``'s label maps as one id image and the class of each id."""
     ids = np.zeros(shape, np.int64)
     classes = {}
-    for k, name in enumerate(CLASS_FILES, start=1):
+    for k, name in enumerate(class_files(4), start=1):
         if (folder / name).is_file():
             labels = read_label(folder / name, shape)
             ids[labels > 0] = labels[labels > 0]
@@ -65,14 +65,18 @@ def _one_to_one(a: np.ndarray, b: np.ndarray, min_iou: float) -> dict[int, int]:
     assert set(forward) == ids_a and set(backward) == ids_b, "a nucleus of one side overlaps nothing"
     pairs = {i: j for i, (j, iou) in forward.items() if backward[j][0] == i and iou >= min_iou}
     worst = min((iou for _, iou in forward.values()), default=1.0)
-    assert len(pairs) == len(ids_a) == len(ids_b), f"{len(ids_a)} vs {len(ids_b)} nuclei, worst IoU {worst:.3f}"
+    assert len(pairs) == len(ids_a) == len(ids_b), (
+        f"{len(ids_a)} vs {len(ids_b)} nuclei, worst IoU {worst:.3f}"
+    )
     return pairs
 
 
 def _image(kind: str) -> np.ndarray:
     if kind == "consep":
         if not CONSEP_TILE.is_file():
-            pytest.skip(f"consep-dev not available at {CONSEP_TILE} (it lives outside the repo, in ../shared)")
+            pytest.skip(
+                f"consep-dev not available at {CONSEP_TILE} (it lives outside the repo, in ../shared)"
+            )
         return read_image(CONSEP_TILE)
     image, _ = generate(ImageSpec("train", "s", 300, 340, 90, (0, 1)))
     return image
@@ -99,7 +103,9 @@ def test_predict_and_slide_give_the_same_nuclei(kind, tiny_project, tmp_path, mo
     assert len(classes) > 10  # enough nuclei to say something
 
     # the nuclei the slide decided, exactly (its blocks kept by the runner)
-    summary = run_slide(slide, checkpoint, tmp_path / "kept", 0.25, params.predict, params.slide, keep_work=True)
+    summary = run_slide(
+        slide, checkpoint, tmp_path / "kept", 0.25, params.predict, params.slide, keep_work=True
+    )
     assert summary.blocks >= 4  # several blocks: the rule crosses their seams
     from cellseg.slide.assemble import slide_nuclei
 
@@ -108,7 +114,9 @@ def test_predict_and_slide_give_the_same_nuclei(kind, tiny_project, tmp_path, mo
     rule = NucleusRule.of(params.predict)
     nid = 0
     for batch in slide_nuclei(summary.work, summary.grid, summary.tissue_blocks, summary.job, rule):
-        for (y0, x0), crop, label, score in zip(batch.offsets, batch.crops, batch.labels, batch.scores, strict=True):
+        for (y0, x0), crop, label, score in zip(
+            batch.offsets, batch.crops, batch.labels, batch.scores, strict=True
+        ):
             nid += 1
             region = decided[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]]
             assert not region[crop].any()  # disjoint across blocks too

@@ -18,11 +18,12 @@ from cellseg.params import load_params
 from conftest import ROOT, make_raw_dataset
 
 DATA_PARAMS = load_params(ROOT / "params.yaml").data
+CLASSES = load_params(ROOT / "params.yaml").classes
 
 
 def _prepare(raw: Path, tmp_path: Path) -> tuple[Path, dict]:
     out = tmp_path / "prepared"
-    summary = prepare_dataset(raw, out, tmp_path / "split.json", tmp_path / "data.json", DATA_PARAMS)
+    summary = prepare_dataset(raw, out, tmp_path / "split.json", tmp_path / "data.json", DATA_PARAMS, CLASSES)
     return out, summary
 
 
@@ -40,7 +41,7 @@ def _instance_masks_from_tifs(folder: Path) -> dict[tuple[int, int], np.ndarray]
 
 def _assert_lossless(raw: Path, prepared: Path) -> int:
     n_instances = 0
-    for sample in list_train_samples(raw):
+    for sample in list_train_samples(raw, len(CLASSES)):
         (npz,) = list(prepared.glob(f"*/{sample.name}.npz"))
         arrays = load_npz(npz)
         np.testing.assert_array_equal(arrays["image"], tifffile.imread(sample.image_path)[..., :3])
@@ -133,7 +134,7 @@ def test_failure_leaves_no_partial_output_and_keeps_previous(tmp_path: Path) -> 
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prepared")]
     fresh = tmp_path / "fresh"
     with pytest.raises(DataFormatError):
-        prepare_dataset(raw, fresh, tmp_path / "s.json", tmp_path / "d.json", DATA_PARAMS)
+        prepare_dataset(raw, fresh, tmp_path / "s.json", tmp_path / "d.json", DATA_PARAMS, CLASSES)
     assert not fresh.exists()
 
 

@@ -118,12 +118,13 @@ def test_results_rows_are_coco_and_json() -> None:
 
 def test_results_load_against_ground_truth() -> None:
     inst = _scene()
-    gt = to_coco_ground_truth([(3, "a.tif", inst), (4, "b.tif", Instances(5, 6))])
+    names = ("tumour", "lymphocyte", "stroma", "other", "necrosis")
+    gt = to_coco_ground_truth([(3, "a.tif", inst), (4, "b.tif", Instances(5, 6))], names)
     assert json.loads(json.dumps(gt)) == gt
     assert [a["id"] for a in gt["annotations"]] == [1, 2, 3]  # COCOeval treats id 0 as "unmatched"
     assert [a["area"] for a in gt["annotations"]] == [8, 4, 4]
     assert gt["images"][1] == {"id": 4, "file_name": "b.tif", "height": 5, "width": 6}
-    assert [c["id"] for c in gt["categories"]] == [1, 2, 3, 4]
+    assert gt["categories"] == [{"id": k, "name": name} for k, name in enumerate(names, start=1)]
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO()
         coco.dataset = gt

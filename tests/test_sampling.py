@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cellseg.data.io import save_train_npz
+from cellseg.data.io import DataFormatError, save_train_npz
 from cellseg.data.sampling import RepeatFactorSampler, classes_present, repeat_factors
 
 
@@ -26,7 +26,9 @@ def test_classes_present_reads_the_prepared_label_rows(tmp_path: Path) -> None:
     labels[0, 1, 1] = 7
     labels[3, 2:4, 2:4] = 1
     save_train_npz(tmp_path / "a.npz", np.zeros((8, 8, 3), np.uint8), labels)
-    assert classes_present([tmp_path / "a.npz"]).tolist() == [[True, False, False, True]]
+    assert classes_present([tmp_path / "a.npz"], 4).tolist() == [[True, False, False, True]]
+    with pytest.raises(DataFormatError, match=r"a\.npz: labels of shape \(4, 8, 8\), but the model learns 6"):
+        classes_present([tmp_path / "a.npz"], 6)  # prepared with other `classes`
 
 
 def test_sampler_draws_in_proportion_reproducibly_and_splits_ranks() -> None:

@@ -230,7 +230,7 @@ def test_consep_truth_scored_against_itself_is_perfect(tmp_path: Path) -> None:
             ]
         )
     )
-    truths, _ = read_truth(CONSEP / "test_truth", entries)
+    truths, _ = read_truth(CONSEP / "test_truth", entries, 4)
     rows = [row for e, t in zip(entries, truths, strict=True) for row in to_coco_results(t, e.image_id)]
     assert len(rows) > 50
     results = tmp_path / "results.json"

@@ -21,6 +21,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 import cellseg
+from cellseg import DEFAULT_CLASSES
 from cellseg.data.io import DataFormatError, read_label, read_test_mapping, save_test_npz, write_image_tif
 from cellseg.fsutil import write_json
 from cellseg.infer.folder import list_images, predict_folder, read_any_image
@@ -274,7 +275,14 @@ def _write_images(folder: Path) -> dict[str, tuple[int, int]]:
 def test_predict_folder_writes_raw_format_label_maps(tmp_path: Path) -> None:
     sizes = _write_images(tmp_path / "in")
     params = tiny_params().predict
-    counts = predict_folder(FixedDetector(), tmp_path / "in", tmp_path / "out", params, torch.device("cpu"))
+    counts = predict_folder(
+        FixedDetector(),
+        tmp_path / "in",
+        tmp_path / "out",
+        params,
+        torch.device("cpu"),
+        class_names=DEFAULT_CLASSES,
+    )
     assert sorted(counts) == ["a.tif", "b.png", "c.png"]
     for stem, size in sizes.items():
         folder = tmp_path / "out" / stem
@@ -349,9 +357,14 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     assert upright.shape == (30, 20, 3)
     assert upright[:5].mean() > 200 and upright[-5:].mean() < 50  # the band is now at the top
     counts = predict_folder(
-        FixedDetector(), tmp_path, tmp_path / "out", tiny_params().predict, torch.device("cpu")
+        FixedDetector(),
+        tmp_path,
+        tmp_path / "out",
+        tiny_params().predict,
+        torch.device("cpu"),
+        class_names=("tumour", "lymphocyte", "stroma", "other"),
     )
-    assert counts["r.jpg"]["class1"] == 1
+    assert counts["r.jpg"]["tumour"] == 1  # counted under the model's class names
     assert read_label(tmp_path / "out" / "r" / "class1.tif", (30, 20)).max() == 1
 
 

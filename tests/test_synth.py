@@ -14,16 +14,15 @@ import tifffile
 import yaml
 from scipy import ndimage
 
-from cellseg import NUM_CLASSES
 from cellseg.data.io import (
-    CLASS_FILES,
     TEST_DIR,
     TEST_MAPPING,
+    class_files,
     list_test_images,
     list_train_samples,
     read_train_sample,
 )
-from cellseg.data.synth import DENSE_ABOVE, generate, plan_dataset, write_dataset
+from cellseg.data.synth import DENSE_ABOVE, SYNTH_CLASSES, generate, plan_dataset, write_dataset
 from cellseg.params import SynthParams, load_params
 
 PARAMS_FILE = Path(__file__).parents[1] / "params.yaml"
@@ -51,7 +50,7 @@ def file_bytes(root: Path) -> dict[str, bytes]:
 def class_ids(sample_dir: Path) -> dict[int, np.ndarray]:
     """The instance ids of each class file that exists, read straight from the tif."""
     ids = {}
-    for k, name in enumerate(CLASS_FILES, start=1):
+    for k, name in enumerate(class_files(SYNTH_CLASSES), start=1):
         if (sample_dir / name).exists():
             values = np.unique(tifffile.imread(sample_dir / name))
             ids[k] = values[values > 0]
@@ -80,7 +79,7 @@ def test_layout_and_names_look_like_the_real_data(small_dataset: Path) -> None:
     for folder in samples:
         assert str(uuid.UUID(folder.name)) == folder.name
         assert (folder / "image.tif").is_file()
-        assert {p.name for p in folder.iterdir()} <= {"image.tif", *CLASS_FILES}
+        assert {p.name for p in folder.iterdir()} <= {"image.tif", *class_files(SYNTH_CLASSES)}
     for path in tests:
         assert path.suffix == ".tif" and str(uuid.UUID(path.stem)) == path.stem
 
@@ -102,7 +101,7 @@ def test_stage_script_writes_the_dataset_atomically(tmp_path: Path, monkeypatch:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["synth.py", "data/demo"])
     runpy.run_path(str(PARAMS_FILE.parent / "stages" / "synth.py"), run_name="__main__")
-    assert len(list_train_samples(tmp_path / "data" / "demo")) == 2
+    assert len(list_train_samples(tmp_path / "data" / "demo", SYNTH_CLASSES)) == 2
     assert len(list_test_images(tmp_path / "data" / "demo")) == 1
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["demo"]  # no temporary directory left behind
 
@@ -121,7 +120,7 @@ def test_images_are_rgba_uint8_lzw(small_dataset: Path) -> None:
 
 def test_masks_are_float64_with_one_id_counter_across_classes(small_dataset: Path) -> None:
     for folder in (small_dataset / "train").iterdir():
-        for name in CLASS_FILES:
+        for name in class_files(SYNTH_CLASSES):
             if (folder / name).exists():
                 assert tifffile.imread(folder / name).dtype == np.float64
         ids = class_ids(folder)
@@ -134,14 +133,14 @@ def test_masks_are_float64_with_one_id_counter_across_classes(small_dataset: Pat
 
 
 def test_some_class_files_are_absent(small_dataset: Path) -> None:
-    absent = [s for s in list_train_samples(small_dataset) if None in s.class_paths]
+    absent = [s for s in list_train_samples(small_dataset, SYNTH_CLASSES) if None in s.class_paths]
     assert absent
 
 
 def test_same_class_instances_touch(small_dataset: Path) -> None:
     """Touching cells of one class share a border in their class file, as in the real data."""
     touching = 0
-    for sample in list_train_samples(small_dataset):
+    for sample in list_train_samples(small_dataset, SYNTH_CLASSES):
         _, labels = read_train_sample(sample)
         for row in labels:
             right, below = (row[:, :-1], row[:, 1:]), (row[:-1], row[1:])
@@ -151,10 +150,10 @@ def test_same_class_instances_touch(small_dataset: Path) -> None:
 
 
 def test_reads_back_through_the_raw_reader(small_dataset: Path) -> None:
-    for sample in list_train_samples(small_dataset):
+    for sample in list_train_samples(small_dataset, SYNTH_CLASSES):
         image, labels = read_train_sample(sample)
         assert image.dtype == np.uint8 and image.shape[2] == 3
-        assert labels.shape == (NUM_CLASSES, *image.shape[:2])
+        assert labels.shape == (SYNTH_CLASSES, *image.shape[:2])
         for k, path in enumerate(sample.class_paths):
             assert (path is None) == (not labels[k].any())
 
@@ -189,7 +188,7 @@ def test_default_dense_images_hold_more_than_150_instances() -> None:
 def test_default_dataset_is_learnable() -> None:
     """Every class appears often enough to learn, imbalanced like the real data, and the classes look different."""
     params = load_params(PARAMS_FILE).synth
-    counts, areas, darkness = np.zeros(NUM_CLASSES, int), [[] for _ in range(4)], [[] for _ in range(4)]
+    counts, areas, darkness = np.zeros(SYNTH_CLASSES, int), [[] for _ in range(4)], [[] for _ in range(4)]
     n_dense = n_overlapping = 0
     for spec in plan_dataset(params):
         if spec.split != "train":

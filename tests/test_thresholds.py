@@ -61,7 +61,12 @@ def test_tuning_picks_the_score_threshold_with_the_best_pq(tmp_path: Path) -> No
     """Cells score 0.5-0.9 and a false positive 0.4: 0.45 drops it; 0.3 keeps it; 0.95 loses every cell."""
     params = tiny_params(tune__score_grid=[0.3, 0.45, 0.95], tune__mask_grid=[0.5], predict__tile_size=1024)
     tuned = tune_thresholds(
-        LowScoreOracle(), _val_split(tmp_path / "val"), params.predict, params.tune, torch.device("cpu")
+        LowScoreOracle(),
+        _val_split(tmp_path / "val"),
+        params.predict,
+        params.tune,
+        torch.device("cpu"),
+        4,
     )
     assert tuned["tuned"] and tuned["label_score_threshold"] == 0.45 and tuned["mask_threshold"] == 0.5
     pq = {row["label_score_threshold"]: row["pq"] for row in tuned["tried"]}
@@ -71,7 +76,7 @@ def test_tuning_picks_the_score_threshold_with_the_best_pq(tmp_path: Path) -> No
 
 def test_without_tuning_the_params_values_are_stored(tmp_path: Path) -> None:
     params = tiny_params(tune__enabled=False, predict__label_score_threshold=0.42)
-    stored = tune_thresholds(LowScoreOracle(), [], params.predict, params.tune, torch.device("cpu"))
+    stored = tune_thresholds(LowScoreOracle(), [], params.predict, params.tune, torch.device("cpu"), 4)
     assert stored == {
         "tuned": False,
         "label_score_threshold": 0.42,
@@ -83,10 +88,10 @@ def test_stages_read_the_stored_thresholds(tmp_path: Path) -> None:
     params = tiny_params().predict
     path = tmp_path / "thresholds.json"
     write_json(path, {**untuned(params), "label_score_threshold": 0.65, "mask_threshold": 0.4})
-    tuned = tuned_predict_params(params, path)
+    tuned = tuned_predict_params(params, path, 4)
     assert (tuned.label_score_threshold, tuned.mask_threshold) == (0.65, 0.4)
     assert tuned.score_threshold == params.score_threshold  # COCO results keep every detection
-    assert tuned_predict_params(params, None) == params
+    assert tuned_predict_params(params, None, 4) == params
 
 
 @pytest.mark.parametrize("content", [None, "not json", json.dumps({"mask_threshold": 0.5})])
@@ -95,7 +100,7 @@ def test_a_missing_or_broken_thresholds_file_is_named(tmp_path: Path, content: s
     if content is not None:
         path.write_text(content)
     with pytest.raises(DataFormatError, match="thresholds.json"):
-        tuned_predict_params(tiny_params().predict, path)
+        tuned_predict_params(tiny_params().predict, path, 4)
 
 
 # ----------------------------------------------------------------------------------- the centre-peak threshold
@@ -153,7 +158,7 @@ def test_with_a_step_on_and_heads_the_peak_threshold_is_tuned(tmp_path: Path) ->
     predict, postproc, tune = _split_on()
     files = _merged_pairs_val(tmp_path / "val")
     model = WeakHeadsOracle()
-    tuned = tune_thresholds(model, files, predict, tune, torch.device("cpu"), postproc)
+    tuned = tune_thresholds(model, files, predict, tune, torch.device("cpu"), 4, postproc)
     assert tuned["tuned"] and tuned["peak_threshold"] == 0.1  # the first of the equal best rows
     assert len(model.batches) == len(tune.mask_grid) * len(files)  # once per mask threshold
     combos = [
@@ -176,16 +181,17 @@ def test_the_tuned_file_reproduces_its_validation_pq(tmp_path: Path) -> None:
     files = _merged_pairs_val(tmp_path / "val")
     model = WeakHeadsOracle()
     path = tmp_path / "thresholds.json"
-    write_json(path, tune_thresholds(model, files, predict, tune, torch.device("cpu"), postproc))
-    run, steps = tuned_predict_params(predict, path), tuned_postproc_params(postproc, path)
+    write_json(path, tune_thresholds(model, files, predict, tune, torch.device("cpu"), 4, postproc))
+    run, steps = tuned_predict_params(predict, path, 4), tuned_postproc_params(postproc, path)
     assert steps.peak_threshold == 0.1
-    samples = [load_labelled(f) for f in files]
+    samples = [load_labelled(f, 4) for f in files]
     predictions = [predict_image(model, image, run, "cpu", steps) for image, _ in samples]
     scores = score_split(
         [f.stem for f in files],
         [gt for _, gt in samples],
         predictions,
         NucleusRule(run.label_score_threshold, DEFAULT_MIN_KEPT_FRACTION),
+        4,
     )
     assert scores.metrics["pq"] == pytest.approx(json.loads(path.read_text())["val_pq"])
 
@@ -195,7 +201,7 @@ def test_without_steps_or_heads_the_params_peak_is_stored_at_no_cost(tmp_path: P
     predict, postproc, tune = _split_on(postproc__split=case == "no heads", postproc__peak_threshold=0.3)
     files = _merged_pairs_val(tmp_path / "val")
     model = WeakHeadsOracle() if case == "steps off" else Oracle()
-    tuned = tune_thresholds(model, files, predict, tune, torch.device("cpu"), postproc)
+    tuned = tune_thresholds(model, files, predict, tune, torch.device("cpu"), 4, postproc)
     assert tuned["peak_threshold"] == 0.3
     assert len(tuned["tried"]) == len(tune.mask_grid) * len(tune.score_grid)
     assert {row["peak_threshold"] for row in tuned["tried"]} == {0.3}
@@ -204,7 +210,7 @@ def test_without_steps_or_heads_the_params_peak_is_stored_at_no_cost(tmp_path: P
 
 def test_without_tuning_the_params_peak_is_stored(tmp_path: Path) -> None:
     predict, postproc, tune = _split_on(tune__enabled=False, postproc__peak_threshold=0.3)
-    stored = tune_thresholds(WeakHeadsOracle(), [], predict, tune, torch.device("cpu"), postproc)
+    stored = tune_thresholds(WeakHeadsOracle(), [], predict, tune, torch.device("cpu"), 4, postproc)
     assert stored == {**untuned(predict), "peak_threshold": 0.3}
 
 
@@ -272,13 +278,13 @@ def test_every_stage_uses_the_stored_peak_threshold(tmp_path: Path, monkeypatch,
         monkeypatch.setattr(
             stage, "evaluate_checkpoint", lambda paths, p, device, model: got.update(postproc=p.postproc)
         )
-        monkeypatch.setattr(stage, "summary", lambda metrics: "")
+        monkeypatch.setattr(stage, "summary", lambda metrics, class_names: "")
         stage.main(["best.pt", "thresholds.json", "val", "pred", "eval.json", "plots"])
     elif name == "submit":
         monkeypatch.setattr(stage, "submit", lambda *a: got.update(postproc=a[5]) or {})
         stage.main(["best.pt", "thresholds.json", "test", "out"])
     else:
-        monkeypatch.setattr(stage, "predict_folder", lambda *a: got.update(postproc=a[5]) or {})
+        monkeypatch.setattr(stage, "predict_folder", lambda *a, **kw: got.update(postproc=a[5]) or {})
         stage.main(["best.pt", "in", "out", "--thresholds", "thresholds.json"])
     assert got["postproc"].peak_threshold == 0.2
     assert got["postproc"].recover_threshold == pytest.approx(0.24)
@@ -315,7 +321,7 @@ def test_per_class_tuning_by_hand() -> None:
     truth = _instances(size, [(1, a, 1.0), (2, b, 1.0), (2, c, 1.0)])
     pred = _instances(size, [(1, a, 0.15), (2, b, 0.9), (2, c, 0.9), (2, fp, 0.45)])
     params = tiny_params(tune__class_score_grid=[0.1, 0.3, 0.5])
-    out = tune_per_class(["t"], [truth], [pred], 0.5, params.predict, params.tune)
+    out = tune_per_class(["t"], [truth], [pred], 0.5, params.predict, params.tune, 4)
     assert out["label_score_threshold_per_class"] == {"1": 0.1, "2": 0.5, "3": 0.5, "4": 0.5}
     assert out["val_mpq_plus_global"] == pytest.approx(0.5)  # class 2 perfect, class 1 PQ 0
     assert out["val_mpq_plus"] == pytest.approx(1.0) and out["val_pq"] == pytest.approx(1.0)
@@ -331,14 +337,19 @@ def test_tuning_stores_per_class_thresholds_and_an_empty_grid_turns_them_off(tmp
         tune__class_score_grid=grid,
         predict__tile_size=1024,
     )
-    tuned = tune_thresholds(LowScoreOracle(), files, params.predict, params.tune, torch.device("cpu"))
+    tuned = tune_thresholds(LowScoreOracle(), files, params.predict, params.tune, torch.device("cpu"), 4)
     per_class = tuned["label_score_threshold_per_class"]
     assert set(per_class) == {"1", "2", "3", "4"} and per_class["2"] >= 0.45  # the false positive is class 2
     assert tuned["val_pq"] >= tuned["val_pq_global"]
     off = tiny_params(tune__score_grid=[0.3, 0.45, 0.95], tune__mask_grid=[0.5])
     assert off.tune.class_score_grid == []  # the default: one global threshold (per class lowered test PQ)
     assert "label_score_threshold_per_class" not in tune_thresholds(
-        LowScoreOracle(), files, off.predict, off.tune, torch.device("cpu")
+        LowScoreOracle(),
+        files,
+        off.predict,
+        off.tune,
+        torch.device("cpu"),
+        4,
     )
 
 
@@ -346,19 +357,28 @@ def test_stages_read_per_class_thresholds_and_old_files_keep_the_params(tmp_path
     params = tiny_params().predict
     path = tmp_path / "thresholds.json"
     write_json(path, {**untuned(params), "label_score_threshold_per_class": {"1": 0.1, "3": 0.6}})
-    tuned = tuned_predict_params(params, path)
+    tuned = tuned_predict_params(params, path, 4)
     g = params.label_score_threshold
     assert tuned.class_score_thresholds == [0.1, g, 0.6, g]  # a class not named keeps the global one
     assert tuned.label_thresholds == (0.1, g, 0.6, g)
     write_json(path, untuned(params))  # written before per-class tuning
-    assert tuned_predict_params(params, path).label_thresholds == g
+    assert tuned_predict_params(params, path, 4).label_thresholds == g
     own = tiny_params(predict__class_score_thresholds=[0.2, 0.3, 0.4, 0.5]).predict
-    assert tuned_predict_params(own, path).class_score_thresholds == [0.2, 0.3, 0.4, 0.5]
+    assert tuned_predict_params(own, path, 4).class_score_thresholds == [0.2, 0.3, 0.4, 0.5]
     assert untuned(own)["label_score_threshold_per_class"] == {"1": 0.2, "2": 0.3, "3": 0.4, "4": 0.5}
+    write_json(path, {**untuned(params), "label_score_threshold_per_class": {"5": 0.1, "6": 0.2}})
+    assert tuned_predict_params(params, path, 6).class_score_thresholds == [
+        g,
+        g,
+        g,
+        g,
+        0.1,
+        0.2,
+    ]  # six classes
     for bad in ({"5": 0.1}, {"1": 1.5}, [0.1]):
         write_json(path, {**untuned(params), "label_score_threshold_per_class": bad})
         with pytest.raises(DataFormatError, match="thresholds"):
-            tuned_predict_params(params, path)
+            tuned_predict_params(params, path, 4)
 
 
 def test_label_maps_apply_per_class_thresholds() -> None:
@@ -371,5 +391,5 @@ def test_label_maps_apply_per_class_thresholds() -> None:
     assert label_map(pred, NucleusRule((0.1, 0.5, 0.5, 0.5))).classes.tolist() == [1]
     params = tiny_params(predict__class_score_thresholds=[0.1, 0.3, 0.5, 0.5], predict__min_kept_fraction=0.0)
     assert sorted(class_label_maps(nuclei(pred, NucleusRule.of(params.predict)))) == [1, 2]
-    with pytest.raises(ValueError, match="4 values"):
-        label_map(pred, NucleusRule((0.1, 0.2)))
+    with pytest.raises(ValueError, match="class 2 has no score threshold"):
+        label_map(pred, NucleusRule((0.1,)))  # per-class thresholds of a one-class model

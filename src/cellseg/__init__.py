@@ -1,9 +1,8 @@
-"""cellseg: a reproducible DVC pipeline for instance segmentation of four cell classes in H&E images."""
+"""cellseg: a reproducible DVC pipeline for instance segmentation of cell classes in H&E images."""
 
-NUM_CLASSES = 4
-"""Cell classes (class1..class4); the models add one background class."""
-
-CLASS_NAMES = tuple(f"class{k}" for k in range(1, NUM_CLASSES + 1))
+DEFAULT_CLASSES = ("class1", "class2", "class3", "class4")
+"""The class names of a checkpoint saved before ``classes`` was a setting (the four of the original data). The
+classes themselves are params.yaml's ``classes`` when training, and the checkpoint's when predicting."""
 
 MAP_NAMES = ("center", "boundary")
 """The auxiliary maps: targets of the maps stage, outputs of the heads, keys of their npz files."""

@@ -29,7 +29,7 @@ class Instances:
     """N instances of an image of ``height × width`` pixels.
 
     Instance ``i`` covers ``crops[i]`` (bool, h_i × w_i) placed with its top-left corner at ``offsets[i]``
-    (y0, x0). ``labels`` are class ids 1..4; ``scores`` are 1.0 for ground truth.
+    (y0, x0). ``labels`` are class ids 1..K; ``scores`` are 1.0 for ground truth.
     """
 
     height: int

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from cellseg import NUM_CLASSES
 from cellseg.instances import Instances
 
 DEFAULT_MIN_KEPT_FRACTION = 0.5
@@ -61,10 +60,8 @@ class NucleusRule:
             object.__setattr__(self, "score_threshold", tuple(float(t) for t in self.score_threshold))
         if not 0.0 <= self.min_kept_fraction <= 1.0:
             raise ValueError(f"min_kept_fraction must be within [0, 1], got {self.min_kept_fraction}")
-        if np.ndim(self.score_threshold) and len(self.score_threshold) != NUM_CLASSES:
-            raise ValueError(
-                f"per-class score thresholds need {NUM_CLASSES} values, got {list(self.score_threshold)}"
-            )
+        if np.ndim(self.score_threshold) and not len(self.score_threshold):
+            raise ValueError("per-class score thresholds need one value per class, got none")
 
     @classmethod
     def of(cls, predict) -> NucleusRule:
@@ -86,7 +83,15 @@ class NucleusRule:
         if np.ndim(self.score_threshold) == 0:
             return np.full(len(inst), float(self.score_threshold))
         per_class = np.asarray(self.score_threshold, dtype=np.float64)
-        return per_class[np.asarray(inst.labels, np.int64) - 1] if len(inst) else np.zeros(0)
+        if not len(inst):
+            return np.zeros(0)
+        labels = np.asarray(inst.labels, np.int64)
+        if labels.min() < 1 or labels.max() > len(per_class):
+            raise ValueError(
+                f"class {int(labels.max())} has no score threshold: {len(per_class)} per-class values "
+                "(one per class of the model)"
+            )
+        return per_class[labels - 1]
 
     def candidates(self, inst: Instances) -> np.ndarray:
         """Which detections pass step 1 (a boolean mask)."""

@@ -10,10 +10,11 @@ only compresses the counts. The result is byte-identical to ``pycocotools.mask.e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from cellseg import CLASS_NAMES
 from cellseg.instances import Instances
 
 
@@ -86,15 +87,16 @@ def to_coco_results(inst: Instances, image_id: int) -> list[dict]:
     ]
 
 
-def to_coco_ground_truth(images: list[tuple[int, str, Instances]]) -> dict:
-    """A COCO ground-truth dataset of ``(image_id, file_name, instances)``, to score results with COCOeval.
+def to_coco_ground_truth(images: list[tuple[int, str, Instances]], class_names: Sequence[str]) -> dict:
+    """A COCO ground-truth dataset of ``(image_id, file_name, instances)``, to score results with COCOeval;
+    its categories are ``class_names`` (category ``k`` is ``class_names[k - 1]``).
 
     Annotation ids start at 1: COCOeval marks "unmatched" with id 0, so an annotation with id 0 is never matched.
     """
     dataset = {
         "images": [],
         "annotations": [],
-        "categories": [{"id": k, "name": name} for k, name in enumerate(CLASS_NAMES, start=1)],
+        "categories": [{"id": k, "name": name} for k, name in enumerate(class_names, start=1)],
     }
     for image_id, file_name, inst in images:
         dataset["images"].append(

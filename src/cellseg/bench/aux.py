@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cellseg import DEFAULT_CLASSES
 from cellseg.data.dataset import instance_targets
 from cellseg.data.io import list_train_samples, read_train_sample
 from cellseg.data.maps import compute_maps
@@ -40,7 +41,7 @@ CONFIGS = {
 def sample() -> tuple[np.ndarray, np.ndarray, str]:
     """``(image, labels, description)``: the real fixture if available, else a dense synthetic image."""
     if (FIXTURE / "train").is_dir():
-        image, labels = read_train_sample(list_train_samples(FIXTURE)[0])
+        image, labels = read_train_sample(list_train_samples(FIXTURE, len(DEFAULT_CLASSES))[0])
         return image, labels, "real fixture"
     from cellseg.data.synth import generate, plan_dataset
 
@@ -96,9 +97,9 @@ def run(name: str, repeats: int) -> None:
     image, labels, source = sample()
     images, targets = batch(image, labels, params)
     torch.manual_seed(0)
-    with_aux = build_model(params.model, params.aux).train()
+    with_aux = build_model(params.model, params.aux, len(params.classes)).train()
     plain = build_model(
-        params.model, load_params(overrides={**CONFIGS[name], "aux.enabled": False}).aux
+        params.model, load_params(overrides={**CONFIGS[name], "aux.enabled": False}).aux, len(params.classes)
     ).train()
     plain.load_state_dict(with_aux.state_dict(), strict=False)  # same weights; the plain model has no heads
     t_aux = step_time(with_aux, images, targets, repeats)

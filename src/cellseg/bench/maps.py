@@ -20,12 +20,13 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from cellseg import NUM_CLASSES
+from cellseg import DEFAULT_CLASSES
 from cellseg.data.io import list_train_samples, read_train_sample
 from cellseg.data.maps import compute_maps
 
 FIXTURE = Path(__file__).resolve().parents[4] / "shared" / "fixtures" / "hw3-sample"
 SIGMA = 5.0
+BENCH_CLASSES = len(DEFAULT_CLASSES)  # the hw3 fixture's (class1..class4); the synthetic labels use as many
 TILES = (2, 3)
 FAST_RUNS = 3
 REFERENCE_RUNS = 1
@@ -51,7 +52,7 @@ def reference_maps(labels: np.ndarray, sigma: float) -> tuple[np.ndarray, np.nda
 
 def tiled_fixture(fixture: Path, tiles: tuple[int, int] = TILES) -> np.ndarray:
     """The fixture's label rows tiled ``rows × cols``; each tile's ids are shifted so that they stay distinct."""
-    _, labels = read_train_sample(list_train_samples(fixture)[0])
+    _, labels = read_train_sample(list_train_samples(fixture, BENCH_CLASSES)[0])
     shift = int(labels.max())
     copies = [
         [np.where(labels > 0, labels + shift * (r * tiles[1] + c), 0) for c in range(tiles[1])]
@@ -69,9 +70,9 @@ def synthetic_scene(size: int = 1000, spacing: int = 50, seed: int = 0) -> np.nd
     pixels = np.indices((size, size)).reshape(2, -1).T
     distance, nearest = cKDTree(centres).query(pixels)
     ids = np.where(distance < 0.6 * spacing, nearest + 1, 0).reshape(size, size)
-    labels = np.zeros((NUM_CLASSES, size, size), np.int32)
-    for k in range(NUM_CLASSES):
-        labels[k] = np.where((ids > 0) & (ids % NUM_CLASSES == k), ids, 0)
+    labels = np.zeros((BENCH_CLASSES, size, size), np.int32)
+    for k in range(BENCH_CLASSES):
+        labels[k] = np.where((ids > 0) & (ids % BENCH_CLASSES == k), ids, 0)
     return labels
 
 

@@ -24,7 +24,6 @@ from functools import partial
 import numpy as np
 from scipy import ndimage
 
-from cellseg import NUM_CLASSES
 from cellseg.eval.coco_metrics import (
     IOU_THRESHOLDS,
     LEADERBOARD_MAX_DETECTIONS,
@@ -33,6 +32,9 @@ from cellseg.eval.coco_metrics import (
     evaluate,
 )
 from cellseg.instances import Instances
+
+BENCH_CLASSES = 4
+"""The classes of the synthetic scenes scored."""
 
 
 def voronoi_ground_truth(rng: np.random.Generator, size: tuple[int, int], n_seeds: int) -> Instances:
@@ -43,8 +45,9 @@ def voronoi_ground_truth(rng: np.random.Generator, size: tuple[int, int], n_seed
     ids[seeds] = np.arange(1, seeds.sum() + 1)
     _, (iy, ix) = ndimage.distance_transform_edt(~seeds, return_indices=True)
     ids = ids[iy, ix]
-    classes = rng.integers(1, NUM_CLASSES + 1, ids.max() + 1)
-    return Instances.from_label_rows(np.stack([np.where(classes[ids] == k, ids, 0) for k in range(1, 5)]))
+    classes = rng.integers(1, BENCH_CLASSES + 1, ids.max() + 1)
+    rows = [np.where(classes[ids] == k, ids, 0) for k in range(1, BENCH_CLASSES + 1)]
+    return Instances.from_label_rows(np.stack(rows))
 
 
 def _disc(radius: int) -> np.ndarray:
@@ -67,14 +70,14 @@ def noisy_predictions(
         y0, x0 = gt.offsets[i] + rng.integers(-shift, shift + 1, 2)
         offsets.append((np.clip(y0, 0, gt.height - crop.shape[0]), np.clip(x0, 0, gt.width - crop.shape[1])))
         crops.append(crop)
-        labels.append(rng.integers(1, NUM_CLASSES + 1) if rng.random() < p_relabel else gt.labels[i])
+        labels.append(rng.integers(1, BENCH_CLASSES + 1) if rng.random() < p_relabel else gt.labels[i])
     for _ in range(n_false):
         disc = _disc(int(rng.integers(3, 10)))
         offsets.append(
             (rng.integers(0, gt.height - disc.shape[0]), rng.integers(0, gt.width - disc.shape[1]))
         )
         crops.append(disc)
-        labels.append(rng.integers(1, NUM_CLASSES + 1))
+        labels.append(rng.integers(1, BENCH_CLASSES + 1))
     n = len(crops)
     return Instances(
         gt.height,
@@ -121,7 +124,7 @@ def torchmetrics_default(
     with contextlib.redirect_stdout(io.StringIO()):
         result = metric.compute()
     k = result["classes"].numpy().reshape(-1) - 1
-    shape = (len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS), NUM_CLASSES, 4, len(caps))
+    shape = (len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS), BENCH_CLASSES, 4, len(caps))
     precision, recall = -np.ones(shape), -np.ones(shape[:1] + shape[2:])
     precision[:, :, k], recall[:, k] = result["precision"].numpy(), result["recall"].numpy()
     return _summaries(precision, recall, caps.index(max_detections), caps.index(LEADERBOARD_MAX_DETECTIONS))
@@ -140,9 +143,13 @@ def main(argv: list[str] | None = None) -> None:
     gts = [voronoi_ground_truth(rng, (args.size, args.size), args.instances) for _ in range(args.images)]
     preds = [noisy_predictions(rng, gt) for gt in gts]
     ways = {
-        "cellseg (crop RLEs, COCOeval_faster)": partial(evaluate, backend="faster_coco_eval"),
-        "cellseg (crop RLEs, pycocotools COCOeval)": partial(evaluate, backend="pycocotools"),
-        "full-mask RLEs, COCOeval_faster": partial(evaluate, full_masks=True),
+        "cellseg (crop RLEs, COCOeval_faster)": partial(
+            evaluate, num_classes=BENCH_CLASSES, backend="faster_coco_eval"
+        ),
+        "cellseg (crop RLEs, pycocotools COCOeval)": partial(
+            evaluate, num_classes=BENCH_CLASSES, backend="pycocotools"
+        ),
+        "full-mask RLEs, COCOeval_faster": partial(evaluate, num_classes=BENCH_CLASSES, full_masks=True),
         "torchmetrics default (update, pycocotools)": None,
     }
     times, metrics = {}, {}

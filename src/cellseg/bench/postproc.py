@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     peaks = find_peaks(maps.center, steps.peak_threshold, steps.peak_min_distance)
 
     torch.manual_seed(0)
-    model = for_inference(build_model(params.model, params.aux), "cpu")
+    model = for_inference(build_model(params.model, params.aux, len(params.classes)), "cpu")
     infer_wall, infer_cpu, _ = best_time(
         lambda: predict_image(model, image, params.predict, "cpu"), args.repeats
     )

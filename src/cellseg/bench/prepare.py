@@ -22,11 +22,12 @@ import numpy as np
 import tifffile
 import torch
 
+from cellseg import DEFAULT_CLASSES
 from cellseg.data.dataset import instance_targets
 from cellseg.data.io import (
-    CLASS_FILES,
     IMAGE_FILE,
     RawTrainSample,
+    class_files,
     load_npz,
     read_train_sample,
     save_train_npz,
@@ -42,7 +43,7 @@ def reference_targets(folder: Path) -> dict[str, torch.Tensor]:
     """The reference's target building: read the tifs, then one full-image mask and ``np.where`` per instance."""
     image = tifffile.imread(folder / IMAGE_FILE)[..., :3]
     masks, boxes, labels = [], [], []
-    for k, name in enumerate(CLASS_FILES, start=1):
+    for k, name in enumerate(class_files(len(DEFAULT_CLASSES)), start=1):
         path = folder / name
         if not path.exists():
             continue
@@ -78,7 +79,9 @@ def _best_time(fn, repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="targets from tifs vs from npz")
-    parser.add_argument("folder", nargs="?", type=Path, help="a raw sample folder (default: the real fixture)")
+    parser.add_argument(
+        "folder", nargs="?", type=Path, help="a raw sample folder (default: the real fixture)"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as demo:
@@ -102,7 +105,7 @@ def _run(folder: Path, repeats: int) -> None:
     sample = RawTrainSample(
         folder.name,
         folder / IMAGE_FILE,
-        tuple(folder / f if (folder / f).exists() else None for f in CLASS_FILES),
+        tuple(folder / f if (folder / f).exists() else None for f in class_files(len(DEFAULT_CLASSES))),
     )
     with tempfile.TemporaryDirectory() as tmp:
         npz = Path(tmp) / "sample.npz"

@@ -41,6 +41,12 @@ TISSUE = 1024
 MOSAIC = 4  # images per side, each 256 px
 
 
+def _classes(checkpoint: Path) -> tuple[str, ...]:
+    from cellseg.model.checkpoint import checkpoint_classes, read_checkpoint
+
+    return checkpoint_classes(read_checkpoint(checkpoint), checkpoint)
+
+
 def _settings(checkpoint: Path):
     """params.yaml, and its ``predict`` section with the model's tuned thresholds (the thresholds file beside
     the checkpoint, as ``cellseg slide`` reads it)."""
@@ -48,7 +54,9 @@ def _settings(checkpoint: Path):
     from cellseg.params import load_params
 
     params = load_params()
-    return params, tuned_predict_params(params.predict, thresholds_beside(checkpoint))
+    return params, tuned_predict_params(
+        params.predict, thresholds_beside(checkpoint), len(_classes(checkpoint))
+    )
 
 
 def _rule(predict):
@@ -153,6 +161,7 @@ def _run(path, checkpoint, out, predict, settings, workers=1, keep_work=True):
 def bench_seams(checkpoint: Path, folder: Path) -> float:
     import torch
 
+    from cellseg.data.synth import SYNTH_CLASSES
     from cellseg.eval.nuclei_metrics import score_split
     from cellseg.infer.detect import detect_image
     from cellseg.nuclei import nuclei
@@ -187,8 +196,9 @@ def bench_seams(checkpoint: Path, folder: Path) -> float:
         f"the slide, {same[2]} only in the one image (block seams: nothing lost or doubled when both are 0)"
     )
     matched, only_whole, only_tiled = _match(whole, tiled)
-    pq_whole = score_split(["m"], [truth], [whole], rule).metrics["pq"]
-    pq_tiled = score_split(["m"], [truth], [tiled], rule).metrics["pq"]
+    k = max(SYNTH_CLASSES, len(_classes(checkpoint)))  # the synthetic truth's classes and the model's
+    pq_whole = score_split(["m"], [truth], [whole], rule, k).metrics["pq"]
+    pq_tiled = score_split(["m"], [truth], [tiled], rule, k).metrics["pq"]
     print(
         f"seams: {summary.blocks} blocks; slide {len(whole)} nuclei, image by image {len(tiled)}: {matched} "
         f"matched, {only_whole} only in the slide, {only_tiled} only image by image; truth {len(truth)}"

@@ -140,7 +140,7 @@ def run_loop(kind: str, precision: str, prepared: str, overrides: dict, steps: i
     params = load_params(overrides={**overrides, "train.precision": precision})
     device = torch.device(params.train.device if params.train.device != "auto" else "cpu")
     torch.manual_seed(0)
-    model = build_model(params.model, params.aux).to(device)
+    model = build_model(params.model, params.aux, len(params.classes)).to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=params.train.lr)
     files = sorted(Path(prepared, "train").glob("*.npz"))[:IMAGES]
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(precision, device) == torch.float16)
@@ -192,7 +192,9 @@ def make_dataset(root: Path) -> Path:
     params = load_params(overrides={**SYNTH, "data.val_fraction": 0.0})
     with atomic_dir(root / "raw") as tmp:
         write_dataset(tmp, params.synth)
-    prepare_dataset(root / "raw", root / "prepared", root / "split.json", root / "data.json", params.data)
+    prepare_dataset(
+        root / "raw", root / "prepared", root / "split.json", root / "data.json", params.data, params.classes
+    )
     return root / "prepared"
 
 
@@ -263,7 +265,7 @@ def recipe_data(root: Path, raw: Path | None, side: int = 200) -> tuple[Path, Pa
     train.mkdir()
     maps.mkdir()
     if raw is not None and (raw / "train").is_dir():
-        samples = list_train_samples(raw)
+        samples = list_train_samples(raw, len(params.classes))
         samples = samples[:: max(1, len(samples) // RECIPE_TILES)][:RECIPE_TILES]
         what = f"{len(samples)} consep-dev tiles ({raw})"
         arrays = [(s.name, *read_train_sample(s)) for s in samples]
@@ -297,7 +299,9 @@ def make_dataset_with(root: Path, params: Params) -> Path:
 
     with atomic_dir(root / "raw") as tmp:
         write_dataset(tmp, params.synth)
-    prepare_dataset(root / "raw", root / "prepared", root / "split.json", root / "data.json", params.data)
+    prepare_dataset(
+        root / "raw", root / "prepared", root / "split.json", root / "data.json", params.data, params.classes
+    )
     return root / "prepared"
 
 
@@ -323,7 +327,7 @@ def run_recipe(
     params = load_params(overrides={**overrides, "train.precision": precision})
     device = torch.device(params.train.device)
     torch.manual_seed(0)
-    model = build_model(params.model, params.aux)
+    model = build_model(params.model, params.aux, len(params.classes))
     model = for_training(model, device) if new else model.to(device)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -433,7 +437,9 @@ def recipe_main(args: argparse.Namespace) -> None:
                 if new and speed:
                     label += " + proposals"
                 step_overrides = {**overrides, **speed} if new else overrides
-                got = measure_recipe(new, prec, data, step_overrides, args.steps, args.max_blocks, args.threads)
+                got = measure_recipe(
+                    new, prec, data, step_overrides, args.steps, args.max_blocks, args.threads
+                )
                 rows.append((new, got))
                 blocks = ", ".join(f"{v:.2f}" for v in got["blocks"])
                 print(

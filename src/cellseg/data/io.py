@@ -3,11 +3,12 @@
 Raw layout (README "Your own data")::
 
     <raw>/train/<sample>/image.tif                 RGB(A) image, often LZW-compressed
-    <raw>/train/<sample>/class1.tif .. class4.tif  label images (float64 in the real data); absent = no instance
+    <raw>/train/<sample>/class1.tif .. classK.tif  label images (float64 in the real data); absent = no instance
     <raw>/test_release/<name>.tif                  test images
     <raw>/test_image_name_to_ids.json              [{"file_name", "id", "height", "width"}, ...]
 
-In a class file each distinct non-zero value is one instance. One id counter runs across the class files of an
+K is the number of names in params.yaml's ``classes``; ``class<k>.tif`` holds the instances of ``classes[k - 1]``
+and a class file beyond K is an error. In a class file each distinct non-zero value is one instance. One id counter runs across the class files of an
 image, so ids are not contiguous per class. Prepared samples keep exactly those ids, one row per class, so no
 instance identity is ever lost (touching cells are never merged).
 
@@ -26,17 +27,17 @@ import numpy as np
 import tifffile
 from skimage.util import img_as_ubyte
 
-from cellseg import NUM_CLASSES, CellsegError
+from cellseg import CellsegError
 from cellseg.fsutil import save_npz
 
 IMAGE_FILE = "image.tif"
-CLASS_FILES = tuple(f"class{k}.tif" for k in range(1, NUM_CLASSES + 1))
 TEST_DIR = "test_release"
 TEST_MAPPING = "test_image_name_to_ids.json"
 _INT32_MAX = np.iinfo(np.int32).max
 _INT64_MAX = np.iinfo(np.int64).max
 _PHOTOMETRICS = (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB)
 _LOOKS_LIKE_SAMPLE_FILE = re.compile(r"(image|class\s*\d*)\.(tiff?|png|jpe?g)", re.IGNORECASE)
+_CLASS_FILE = re.compile(r"class([1-9]\d*)\.tif")
 _BIT_DEPTHS = (8, 10, 12, 14, 16)
 """Sensor bit depths of 16-bit data; the smallest one holding an image's maximum sets its white level."""
 
@@ -47,6 +48,26 @@ class DataFormatError(CellsegError, ValueError):
 
 class DataWarning(UserWarning):
     """Input that is used, but with something ignored that the user should know about."""
+
+
+def class_file(k: int) -> str:
+    """The file name of class ``k`` (1-based) in a sample folder: ``class<k>.tif``."""
+    return f"class{k}.tif"
+
+
+def class_files(num_classes: int) -> tuple[str, ...]:
+    """``class1.tif .. class<num_classes>.tif``."""
+    return tuple(class_file(k) for k in range(1, num_classes + 1))
+
+
+def check_class_file(path: Path, num_classes: int) -> None:
+    """A ``class<J>.tif`` with J > ``num_classes`` is an error: its cells would be trained as background."""
+    match = _CLASS_FILE.fullmatch(path.name)
+    if match and int(match.group(1)) > num_classes:
+        raise DataFormatError(
+            f"{path}: class {match.group(1)}, but `classes` in params.yaml has {num_classes} name(s); add the "
+            f"class's name to `classes` (class<k>.tif is the k-th name) or remove the file"
+        )
 
 
 # --------------------------------------------------------------------------------------------------- tif reading
@@ -191,34 +212,39 @@ class TestEntry:
     width: int
 
 
-def list_train_samples(raw_dir: str | Path) -> list[RawTrainSample]:
+def list_train_samples(raw_dir: str | Path, num_classes: int) -> list[RawTrainSample]:
     """List ``<raw>/train/<sample>/`` folders in name order. Every folder must hold ``image.tif``.
 
-    A file that looks like an image or class file but is not one of the exact names (``Class1.tif``,
-    ``class1.tiff``, ``class5.tif``, ``image.png``) is an error: ignoring it would train that sample's cells as
-    background. Any other file (notes, thumbnails) only gets a warning; hidden files are skipped.
+    ``num_classes`` (K, the length of params.yaml's ``classes``): each sample has ``class1.tif .. classK.tif``
+    or fewer. A file that looks like an image or class file but is not one of the exact names (``Class1.tif``,
+    ``class1.tiff``, ``image.png``), or a class file beyond K (``class5.tif`` with four classes), is an error:
+    ignoring it would train that sample's cells as background. Any other file (notes, thumbnails) only gets a
+    warning; hidden files are skipped.
     """
     train_dir = Path(raw_dir) / "train"
     if not train_dir.is_dir():
         raise DataFormatError(f"{train_dir}: missing folder (expected <raw>/train/<sample>/image.tif)")
     samples = []
     for folder in sorted(p for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        _check_sample_files(folder)
+        _check_sample_files(folder, num_classes)
         image_path = folder / IMAGE_FILE
         if not image_path.is_file():
             raise DataFormatError(f"{folder}: train folder without {IMAGE_FILE}")
-        class_paths = tuple((folder / f) if (folder / f).is_file() else None for f in CLASS_FILES)
+        class_paths = tuple(
+            (folder / f) if (folder / f).is_file() else None for f in class_files(num_classes)
+        )
         samples.append(RawTrainSample(folder.name, image_path, class_paths))
     if not samples:
         raise DataFormatError(f"{train_dir}: no samples (expected <sample>/{IMAGE_FILE} folders)")
     return samples
 
 
-def _check_sample_files(folder: Path) -> None:
-    expected = (IMAGE_FILE, *CLASS_FILES)
+def _check_sample_files(folder: Path, num_classes: int) -> None:
+    expected = (IMAGE_FILE, *class_files(num_classes))
     for path in sorted(folder.iterdir()):
         if path.name in expected or path.name.startswith("."):
             continue
+        check_class_file(path, num_classes)
         if _LOOKS_LIKE_SAMPLE_FILE.fullmatch(path.name):
             raise DataFormatError(
                 f"{path}: unexpected file name; a sample holds exactly {', '.join(expected)} "
@@ -228,9 +254,10 @@ def _check_sample_files(folder: Path) -> None:
 
 
 def read_train_sample(sample: RawTrainSample) -> tuple[np.ndarray, np.ndarray]:
-    """Read one sample as ``(image uint8 H×W×3, labels int32 4×H×W)``; row k holds the ids of ``class{k+1}``."""
+    """Read one sample as ``(image uint8 H×W×3, labels int32 K×H×W)``; row k holds the ids of ``class{k+1}``
+    (K: the sample's ``class_paths``, one per class of ``classes``)."""
     image = read_image(sample.image_path)
-    labels = np.zeros((NUM_CLASSES, *image.shape[:2]), dtype=np.int32)
+    labels = np.zeros((len(sample.class_paths), *image.shape[:2]), dtype=np.int32)
     for k, path in enumerate(sample.class_paths):
         if path is not None:
             labels[k] = read_label(path, image.shape[:2])
@@ -327,7 +354,7 @@ def write_label_tif(path: str | Path, labels: np.ndarray) -> None:
 
 # ------------------------------------------------------------------------------------------ prepared format
 def save_train_npz(path: str | Path, image: np.ndarray, labels: np.ndarray) -> None:
-    """Store a prepared training sample: ``image`` uint8 H×W×3 and ``labels`` int32 4×H×W."""
+    """Store a prepared training sample: ``image`` uint8 H×W×3 and ``labels`` int32 K×H×W (one row per class)."""
     save_npz(path, image=image, labels=labels.astype(np.int32, copy=False))
 
 
@@ -358,7 +385,9 @@ def visible_files(folder: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")
     )
 
 

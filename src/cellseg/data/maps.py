@@ -19,7 +19,6 @@ from scipy import ndimage
 from skimage.segmentation import find_boundaries
 from tqdm import tqdm
 
-from cellseg import NUM_CLASSES
 from cellseg.data.io import DataFormatError, load_npz, visible_files
 from cellseg.fsutil import atomic_dir, save_npz
 from cellseg.params import MapsParams
@@ -129,9 +128,10 @@ def read_prepared(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"{path}: missing array(s) {', '.join(missing)} (has {', '.join(arrays) or 'none'})"
         )
     image, labels = arrays["image"], arrays["labels"]
-    if labels.ndim != 3 or labels.shape[0] != NUM_CLASSES or not np.issubdtype(labels.dtype, np.integer):
+    # K×H×W, one row per class of `classes` (the maps do not depend on the classes, any K >= 1 will do)
+    if labels.ndim != 3 or labels.shape[0] < 1 or not np.issubdtype(labels.dtype, np.integer):
         raise DataFormatError(
-            f"{path}: labels must be integer {NUM_CLASSES}×H×W, got {labels.dtype} of shape {labels.shape}"
+            f"{path}: labels must be integer K×H×W (K classes), got {labels.dtype} of shape {labels.shape}"
         )
     if image.shape[:2] != labels.shape[1:]:
         raise DataFormatError(f"{path}: image shape {image.shape} does not match labels shape {labels.shape}")

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cellseg import CLASS_NAMES
 from cellseg.data.io import (
     DataFormatError,
     list_test_images,
@@ -72,9 +71,12 @@ def _instance_counts(labels: np.ndarray) -> list[int]:
     return [int(np.count_nonzero(np.unique(row))) for row in labels]
 
 
-def summarize(per_image: list[dict], split: dict[str, list[str]], n_test: int) -> dict:
-    """The data summary written to ``metrics/data.json``: what a user checks before training."""
-    counts = np.array([r["instances"] for r in per_image], dtype=np.int64).reshape(-1, len(CLASS_NAMES))
+def summarize(
+    per_image: list[dict], split: dict[str, list[str]], n_test: int, classes: list[str] | tuple[str, ...]
+) -> dict:
+    """The data summary written to ``metrics/data.json``: what a user checks before training (instances per
+    class under the names of ``classes``)."""
+    counts = np.array([r["instances"] for r in per_image], dtype=np.int64).reshape(-1, len(classes))
     per_image_total = counts.sum(axis=1)
     heights = np.array([r["height"] for r in per_image])
     widths = np.array([r["width"] for r in per_image])
@@ -82,7 +84,7 @@ def summarize(per_image: list[dict], split: dict[str, list[str]], n_test: int) -
         "n_train": len(split["train"]),
         "n_val": len(split["val"]),
         "n_test": n_test,
-        "instances": {name: int(c) for name, c in zip(CLASS_NAMES, counts.sum(axis=0), strict=True)},
+        "instances": {name: int(c) for name, c in zip(classes, counts.sum(axis=0), strict=True)},
         "instances_total": int(counts.sum()),
         "instances_per_image": {
             "max": int(per_image_total.max()),
@@ -109,14 +111,16 @@ def prepare_dataset(
     split_path: str | Path,
     summary_path: str | Path,
     params: DataParams,
+    classes: list[str] | tuple[str, ...],
 ) -> dict:
     """Convert ``raw_dir`` into ``out_dir/{train,val,test}/*.npz``; write the split and the summary.
 
-    All of ``out_dir`` is written to a temporary directory first, so a bad file anywhere leaves no output.
-    Returns the summary.
+    ``classes``: params.yaml's class names; sample folders hold ``class1.tif .. class<len(classes)>.tif`` and
+    the prepared labels have one row per class. All of ``out_dir`` is written to a temporary directory first,
+    so a bad file anywhere leaves no output. Returns the summary.
     """
     raw_dir = Path(raw_dir)
-    samples = list_train_samples(raw_dir)
+    samples = list_train_samples(raw_dir, len(classes))
     tests = list_test_images(raw_dir)  # validates the mapping before any work is done
     split = split_train_val([s.name for s in samples], params.val_fraction, params.seed, params.group_regex)
     split_of = {name: s for s, names in split.items() for name in names}
@@ -138,7 +142,7 @@ def prepare_dataset(
                     f"{entry.height}×{entry.width}"
                 )
             save_test_npz(tmp / "test" / f"{Path(entry.file_name).stem}.npz", image, entry.image_id)
-        summary = summarize(per_image, split, len(tests))
+        summary = summarize(per_image, split, len(tests), classes)
         write_json(
             split_path,
             {

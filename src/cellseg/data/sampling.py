@@ -16,17 +16,27 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from cellseg import NUM_CLASSES
-from cellseg.data.io import load_npz
+from cellseg.data.io import DataFormatError, load_npz
 
 
-def classes_present(files: list[Path]) -> np.ndarray:
-    """``(n_images, NUM_CLASSES)`` bool: which classes each prepared sample holds."""
-    present = np.zeros((len(files), NUM_CLASSES), bool)
+def classes_present(files: list[Path], num_classes: int) -> np.ndarray:
+    """``(n_images, num_classes)`` bool: which classes each prepared sample holds (a sample prepared with
+    another number of classes is an error)."""
+    present = np.zeros((len(files), num_classes), bool)
     for i, path in enumerate(files):
         labels = load_npz(path)["labels"]
-        present[i] = labels.reshape(len(labels), -1).any(axis=1)[:NUM_CLASSES]
+        check_label_rows(path, labels, num_classes)
+        present[i] = labels.reshape(len(labels), -1).any(axis=1)
     return present
+
+
+def check_label_rows(path: Path, labels: np.ndarray, num_classes: int) -> None:
+    """A prepared sample's labels must have one row per class: prepared with other ``classes``, it is stale."""
+    if labels.ndim != 3 or labels.shape[0] != num_classes:
+        raise DataFormatError(
+            f"{path}: labels of shape {labels.shape}, but the model learns {num_classes} classes (`classes`); "
+            "rerun the prepare stage with the same `classes`"
+        )
 
 
 def repeat_factors(present: np.ndarray, threshold: float) -> np.ndarray:

@@ -29,8 +29,7 @@ import numpy as np
 from scipy import ndimage
 from skimage import draw
 
-from cellseg import CLASS_NAMES, NUM_CLASSES
-from cellseg.data.io import IMAGE_FILE, TEST_DIR, TEST_MAPPING, write_image_tif, write_label_tif
+from cellseg.data.io import IMAGE_FILE, TEST_DIR, TEST_MAPPING, class_file, write_image_tif, write_label_tif
 from cellseg.fsutil import write_json
 from cellseg.params import SynthParams
 
@@ -93,7 +92,9 @@ STYLES = (
         group=(1, 3), packed=False, presence=0.45, weight=0.12,
     ),
 )  # fmt: skip
-assert len(STYLES) == NUM_CLASSES
+SYNTH_CLASSES = len(STYLES)
+"""The generator's classes, one style each: it writes ``class1.tif .. class4.tif`` (params.yaml's default
+``classes``), whatever ``classes`` says."""
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,7 @@ class _Layout:
     """
 
     def __init__(self, height: int, width: int, capacity: int) -> None:
-        self.labels = np.zeros((NUM_CLASSES, height, width), np.int32)
+        self.labels = np.zeros((SYNTH_CLASSES, height, width), np.int32)
         self.top = np.zeros((height, width), np.int32)
         self.area = np.zeros(capacity + 1, np.int64)
         self.cls = np.zeros(capacity + 1, np.int64)  # class index 1..4 of each provisional id (0: background)
@@ -267,7 +268,7 @@ class _Layout:
         """Label rows with the real data's ids: one counter running class1 first, ids of vanished nuclei dropped."""
         out = np.zeros_like(self.labels)
         next_id = 1
-        for k in range(NUM_CLASSES):
+        for k in range(SYNTH_CLASSES):
             present = np.unique(self.labels[k])
             present = present[present > 0]
             lookup = np.zeros(self.count + 1, np.int32)
@@ -279,18 +280,18 @@ class _Layout:
 
 def _place_instances(rng: np.random.Generator, spec: ImageSpec) -> _Layout:
     """Place groups of nuclei until each present class reaches its share of the target, or attempts run out."""
-    present = rng.random(NUM_CLASSES) < [s.presence for s in STYLES]
+    present = rng.random(SYNTH_CLASSES) < [s.presence for s in STYLES]
     if not present.any():
-        present[rng.choice(NUM_CLASSES, p=_normalised([s.weight for s in STYLES]))] = True
+        present[rng.choice(SYNTH_CLASSES, p=_normalised([s.weight for s in STYLES]))] = True
     weights = _normalised(
-        np.where(present, [s.weight for s in STYLES], 0.0) * rng.uniform(0.5, 1.5, NUM_CLASSES)
+        np.where(present, [s.weight for s in STYLES], 0.0) * rng.uniform(0.5, 1.5, SYNTH_CLASSES)
     )
     wanted = rng.multinomial(spec.target, weights)
     attempts = 3 * wanted.sum() + 20
     layout = _Layout(spec.height, spec.width, attempts)
-    placed = np.zeros(NUM_CLASSES, np.int64)
+    placed = np.zeros(SYNTH_CLASSES, np.int64)
     while attempts > 0 and (placed < wanted).any():
-        k = int(rng.choice(NUM_CLASSES, p=_normalised(np.maximum(wanted - placed, 0))))
+        k = int(rng.choice(SYNTH_CLASSES, p=_normalised(np.maximum(wanted - placed, 0))))
         style = STYLES[k]
         n = int(min(rng.integers(style.group[0], style.group[1] + 1), wanted[k] - placed[k], attempts))
         for cy, cx in _group_centres(rng, style, n, spec.height, spec.width):
@@ -418,9 +419,9 @@ def write_image(out_dir: str | Path, spec: ImageSpec) -> None:
     folder = Path(out_dir) / "train" / spec.name
     folder.mkdir(parents=True, exist_ok=True)
     write_image_tif(folder / IMAGE_FILE, image)
-    for name, row in zip(CLASS_NAMES, labels, strict=True):
+    for k, row in enumerate(labels, start=1):
         if row.any():
-            write_label_tif(folder / f"{name}.tif", row)
+            write_label_tif(folder / class_file(k), row)
 
 
 def write_test_mapping(out_dir: str | Path, specs: list[ImageSpec]) -> None:

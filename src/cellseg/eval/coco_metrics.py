@@ -30,7 +30,6 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from cellseg import NUM_CLASSES
 from cellseg.instances import Instances
 from cellseg.rle import encode_instances, encode_mask, to_coco_ground_truth, to_coco_results
 
@@ -40,8 +39,14 @@ LEADERBOARD_MAX_DETECTIONS = 100
 AREA_RANGES = ("all", "small", "medium", "large")
 BACKENDS = {"faster_coco_eval": (FasterCOCO, COCOeval_faster), "pycocotools": (COCO, COCOeval)}
 _T50, _T75 = (int(np.argmin(np.abs(IOU_THRESHOLDS - t))) for t in (0.5, 0.75))
-BACKGROUND = NUM_CLASSES
-"""Index of the "no instance" row/column of :func:`confusion_matrix` (classes 1..4 are indices 0..3)."""
+BACKGROUND = -1
+"""Index of the "no instance" row/column of :func:`confusion_matrix`: the last (classes 1..K are 0..K-1)."""
+
+
+def class_key(k: int) -> str:
+    """The metric-key name of class ``k`` (``map_class3``, ``pq_class3``): numbered whatever the class names,
+    so that ``dvc metrics diff`` lines up runs with other names."""
+    return f"class{k}"
 
 
 @dataclass(frozen=True)
@@ -49,11 +54,12 @@ class Evaluation:
     """The flat, JSON-friendly ``metrics`` and the PR curves that plots need, from one COCO evaluation.
 
     ``pr_curves[k]`` is the precision of class ``k + 1`` at each of ``RECALL_THRESHOLDS`` (IoU 0.5, all areas,
-    dense cap); a class without ground truth has a row of -1.
+    dense cap); a class without ground truth has a row of -1. ``num_classes``: K, the classes scored.
     """
 
     metrics: dict[str, float | int]
     pr_curves: np.ndarray
+    num_classes: int
 
 
 def _full_mask_results(inst: Instances, image_id: int) -> list[dict]:
@@ -65,10 +71,11 @@ def _full_mask_results(inst: Instances, image_id: int) -> list[dict]:
 
 
 def _documents(
-    ground_truth: list[Instances], predictions: list[Instances], full_masks: bool
+    ground_truth: list[Instances], predictions: list[Instances], full_masks: bool, num_classes: int
 ) -> tuple[dict, list[dict]]:
     """The COCO ground-truth dataset and results list (without ``bbox``: the mask gives the area)."""
-    gt = to_coco_ground_truth([(i, f"{i}", inst) for i, inst in enumerate(ground_truth, start=1)])
+    images = [(i, f"{i}", inst) for i, inst in enumerate(ground_truth, start=1)]
+    gt = to_coco_ground_truth(images, [class_key(k) for k in range(1, num_classes + 1)])
     results_of = _full_mask_results if full_masks else to_coco_results
     results = [row for i, inst in enumerate(predictions, start=1) for row in results_of(inst, i)]
     for row in results:
@@ -82,12 +89,13 @@ def _coco_arrays(
     caps: list[int],
     backend: str,
     full_masks: bool,
+    num_classes: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """COCOeval's ``precision`` (T×R×K×A×M) and ``recall`` (T×K×A×M) with K = classes 1..4 (-1 where absent)."""
+    """COCOeval's ``precision`` (T×R×K×A×M) and ``recall`` (T×K×A×M) with K = classes 1..K (-1 where absent)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     coco_class, eval_class = BACKENDS[backend]
-    gt_document, results = _documents(ground_truth, predictions, full_masks)
+    gt_document, results = _documents(ground_truth, predictions, full_masks, num_classes)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         coco_gt = coco_class()
         coco_gt.dataset = gt_document
@@ -130,9 +138,9 @@ def _summaries(precision: np.ndarray, recall: np.ndarray, dense: int, at_100: in
     }
     for a, name in enumerate(AREA_RANGES[1:], start=1):
         out[f"map_{name}"] = _mean(precision[..., a, dense])
-    for k in range(NUM_CLASSES):
-        out[f"map_class{k + 1}"] = _mean(precision[:, :, k, 0, dense])
-        out[f"ap50_class{k + 1}"] = _mean(precision[_T50, :, k, 0, dense])
+    for k in range(precision.shape[2]):
+        out[f"map_{class_key(k + 1)}"] = _mean(precision[:, :, k, 0, dense])
+        out[f"ap50_{class_key(k + 1)}"] = _mean(precision[_T50, :, k, 0, dense])
     out["mar"] = _mean(recall[..., 0, dense])
     return out
 
@@ -141,13 +149,15 @@ def evaluate(
     ground_truth: list[Instances],
     predictions: list[Instances],
     max_detections: int,
+    num_classes: int,
     backend: str = "faster_coco_eval",
     full_masks: bool = False,
 ) -> Evaluation:
-    """COCO mask metrics at the dense cap ``max_detections`` and at the leaderboard's 100, per image and class.
+    """COCO mask metrics at the dense cap ``max_detections`` and at the leaderboard's 100, per image and class,
+    for classes 1..``num_classes`` (K).
 
-    ``metrics`` keys: ``map``, ``map_50``, ``map_75``, ``map_small|medium|large``, ``map_class1..4``,
-    ``ap50_class1..4`` and ``mar`` (all at the dense cap); ``map_at_100`` and ``map_50_at_100`` (at most 100
+    ``metrics`` keys: ``map``, ``map_50``, ``map_75``, ``map_small|medium|large``, ``map_class1..K``,
+    ``ap50_class1..K`` and ``mar`` (all at the dense cap); ``map_at_100`` and ``map_50_at_100`` (at most 100
     detections per image and class: the leaderboard's AP50); counts and the cap. ``mar`` has no cap in its name
     so that experiments with different caps stay comparable in ``dvc metrics diff``. ``backend`` is the
     COCOeval implementation: "faster_coco_eval" or "pycocotools" (same numbers, slower: ``cellseg.bench.metric``).
@@ -160,12 +170,12 @@ def evaluate(
             raise ValueError(
                 f"image size {gt.height}x{gt.width} but predictions for {pred.height}x{pred.width}"
             )
-        if not all(np.isin(inst.labels, np.arange(1, NUM_CLASSES + 1)).all() for inst in (gt, pred)):
-            raise ValueError(f"labels must be class ids 1..{NUM_CLASSES}")
+        if not all(np.isin(inst.labels, np.arange(1, num_classes + 1)).all() for inst in (gt, pred)):
+            raise ValueError(f"labels must be class ids 1..{num_classes}")
     if max_detections < 1:
         raise ValueError(f"max_detections must be at least 1, got {max_detections}")
     caps = sorted([1, LEADERBOARD_MAX_DETECTIONS, int(max_detections)])
-    precision, recall = _coco_arrays(ground_truth, predictions, caps, backend, full_masks)
+    precision, recall = _coco_arrays(ground_truth, predictions, caps, backend, full_masks, num_classes)
     metrics: dict[str, float | int] = _summaries(
         precision, recall, caps.index(max_detections), caps.index(LEADERBOARD_MAX_DETECTIONS)
     )
@@ -175,7 +185,7 @@ def evaluate(
         "n_predictions": sum(len(p) for p in predictions),
         "max_detections": int(max_detections),
     }
-    return Evaluation(metrics, precision[_T50, :, :, 0, caps.index(max_detections)].T.copy())
+    return Evaluation(metrics, precision[_T50, :, :, 0, caps.index(max_detections)].T.copy(), num_classes)
 
 
 def match_instances(gt: Instances, pred: Instances, iou_threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -203,19 +213,20 @@ def match_instances(gt: Instances, pred: Instances, iou_threshold: float) -> tup
 def confusion_matrix(
     ground_truth: list[Instances],
     predictions: list[Instances],
+    num_classes: int,
     iou_threshold: float = 0.5,
     score_threshold: float = 0.5,
 ) -> np.ndarray:
-    """Counts of (true class, predicted class) over all images, ``(5, 5)`` int64.
+    """Counts of (true class, predicted class) over all images, ``(K + 1, K + 1)`` int64 for K = ``num_classes``.
 
-    Rows are the true class, columns the predicted class; index ``k - 1`` is class ``k`` and index 4
+    Rows are the true class, columns the predicted class; index ``k - 1`` is class ``k`` and the last index K
     (``BACKGROUND``) is "no instance". ``m[t, p]``: ground truth of class ``t + 1`` matched (mask IoU ≥
-    ``iou_threshold``, matching blind to class) by a prediction of class ``p + 1``; ``m[4, p]``: predictions of
-    class ``p + 1`` that match nothing (false positives); ``m[t, 4]``: ground truth of class ``t + 1`` that no
-    prediction matches (missed); ``m[4, 4]`` is always 0. Predictions scoring below ``score_threshold`` are
-    dropped first. Row sums ``m[:4].sum(1)`` are the ground-truth counts per class.
+    ``iou_threshold``, matching blind to class) by a prediction of class ``p + 1``; ``m[K, p]``: predictions of
+    class ``p + 1`` that match nothing (false positives); ``m[t, K]``: ground truth of class ``t + 1`` that no
+    prediction matches (missed); ``m[K, K]`` is always 0. Predictions scoring below ``score_threshold`` are
+    dropped first. Row sums ``m[:K].sum(1)`` are the ground-truth counts per class.
     """
-    matrix = np.zeros((NUM_CLASSES + 1, NUM_CLASSES + 1), np.int64)
+    matrix = np.zeros((num_classes + 1, num_classes + 1), np.int64)
     for gt, pred in zip(ground_truth, predictions, strict=True):
         pred = pred.select(pred.scores >= score_threshold)
         gt_idx, pred_idx = match_instances(gt, pred, iou_threshold)

@@ -40,7 +40,6 @@ from dataclasses import dataclass, fields
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from cellseg import NUM_CLASSES
 from cellseg.instances import Instances
 from cellseg.nuclei import LabelMap, NucleusRule, label_map, truth_label_map
 
@@ -244,9 +243,10 @@ class ImageCounts:
     per_class: tuple[Counts, ...]
 
 
-def score_image(truth: LabelMap, pred: LabelMap) -> ImageCounts:
+def score_image(truth: LabelMap, pred: LabelMap, num_classes: int) -> ImageCounts:
+    """The counts of one image, all classes together and for each of classes 1..``num_classes``."""
     ov = Overlaps.of(truth, pred)
-    return ImageCounts(count(ov), tuple(count(ov.of_class(k)) for k in range(1, NUM_CLASSES + 1)))
+    return ImageCounts(count(ov), tuple(count(ov.of_class(k)) for k in range(1, num_classes + 1)))
 
 
 def _mean(values: list[float | None]) -> float:
@@ -260,14 +260,16 @@ def _value(v: float | None) -> float:
 
 @dataclass(frozen=True)
 class SplitScores:
-    """Per-image counts of a split; :attr:`metrics` are its flat, JSON-friendly figures."""
+    """Per-image counts of a split (of ``num_classes`` classes); :attr:`metrics` are its flat, JSON-friendly
+    figures."""
 
     names: list[str]
     images: list[ImageCounts]
+    num_classes: int
 
     def class_counts(self) -> list[Counts]:
         """Counts of each class pooled over the split (index ``k - 1`` for class ``k``): mPQ⁺'s terms."""
-        return [sum((img.per_class[k] for img in self.images), Counts()) for k in range(NUM_CLASSES)]
+        return [sum((img.per_class[k] for img in self.images), Counts()) for k in range(self.num_classes)]
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -309,8 +311,10 @@ def score_split(
     ground_truth: list[Instances],
     predictions: list[Instances],
     rule: NucleusRule,
+    num_classes: int,
 ) -> SplitScores:
-    """Every image's truth and predictions as label maps (the predictions' nuclei by ``rule``), scored."""
+    """Every image's truth and predictions as label maps (the predictions' nuclei by ``rule``), scored, with
+    per-class figures for classes 1..``num_classes``."""
     if not len(names) == len(ground_truth) == len(predictions):
         raise ValueError(f"{len(names)} names, {len(ground_truth)} truths, {len(predictions)} predictions")
     images = []
@@ -319,5 +323,8 @@ def score_split(
             raise ValueError(
                 f"image size {gt.height}x{gt.width} but predictions for {pred.height}x{pred.width}"
             )
-        images.append(score_image(truth_label_map(gt), label_map(pred, rule)))
-    return SplitScores(list(names), images)
+        for inst in (gt, pred):
+            if len(inst) and not 1 <= int(inst.labels.min()) <= int(inst.labels.max()) <= num_classes:
+                raise ValueError(f"labels must be class ids 1..{num_classes}")
+        images.append(score_image(truth_label_map(gt), label_map(pred, rule), num_classes))
+    return SplitScores(list(names), images, num_classes)

@@ -7,25 +7,39 @@ object API on an Agg canvas (no pyplot global state, safe in any process).
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from skimage.measure import find_contours
 
-from cellseg import CLASS_NAMES
-from cellseg.eval.coco_metrics import RECALL_THRESHOLDS, match_instances
+from cellseg.eval.coco_metrics import RECALL_THRESHOLDS, class_key, match_instances
 from cellseg.instances import Instances
 
 BACKGROUND_NAME = "background"
 """The confusion matrix's name for "no instance": a missed cell (predicted) or a false positive (actual)."""
 
 CLASS_COLOURS = ("#00e5ff", "#ffea00", "#76ff03", "#ff4081")
-"""class1..class4: bright hues that stand out on pink/purple H&E."""
+"""Classes 1..4: bright hues that stand out on pink/purple H&E; classes 5.. take matplotlib's tab20 in order."""
+LEGEND_ALL_CLASSES_UP_TO = 8
+"""With more classes than this, an overlay's legend names only the classes drawn in it."""
+
+
+def class_colour(k: int) -> str:
+    """The overlays' colour of class ``k`` (1-based): :data:`CLASS_COLOURS`, then tab20, cycling."""
+    if k <= len(CLASS_COLOURS):
+        return CLASS_COLOURS[k - 1]
+    tab20 = colormaps["tab20"].colors
+    return to_hex(tab20[(k - len(CLASS_COLOURS) - 1) % len(tab20)])
+
 
 TRUE_POSITIVE, WRONG_CLASS, FALSE_POSITIVE, MISSED = (
     "true positive",
@@ -46,25 +60,29 @@ LINE_WIDTH = 1.0
 
 # ------------------------------------------------------------------------------------------------- CSV plots
 def write_pr_curves(folder: Path, pr_curves: np.ndarray) -> None:
-    """Write ``<folder>/class<k>.csv`` (``recall,precision``) for every class.
+    """Write ``<folder>/class<k>.csv`` (``recall,precision``) for every class (numbered as the metric keys, so
+    the file names do not change with the class names; dvc.yaml's plot names the files).
 
     The rows are COCO's interpolated precision at the 101 recall thresholds (IoU 0.5, dense cap), so the mean
     of a file's precision column is that class's AP50 in eval.json. A class without ground truth has no curve
     (COCO leaves it undefined, -1): its file holds the header only, so DVC draws no line for it yet a plot
-    that names all four files still loads.
+    that names every file still loads.
     """
-    for name, precision in zip(CLASS_NAMES, pr_curves, strict=True):
+    for k, precision in enumerate(pr_curves, start=1):
         rows = [] if (precision < 0).all() else zip(RECALL_THRESHOLDS, precision, strict=True)
         lines = ["recall,precision"] + [f"{r:.2f},{p:.10g}" for r, p in rows]
-        (folder / f"{name}.csv").write_text("\n".join(lines) + "\n")
+        (folder / f"{class_key(k)}.csv").write_text("\n".join(lines) + "\n")
 
 
-def confusion_rows(matrix: np.ndarray) -> list[tuple[str, str]]:
-    """One ``(actual, predicted)`` pair per counted instance of a :func:`cellseg.eval.coco_metrics.confusion_matrix`.
+def confusion_rows(matrix: np.ndarray, class_names: tuple[str, ...]) -> list[tuple[str, str]]:
+    """One ``(actual, predicted)`` pair per counted instance of a :func:`cellseg.eval.coco_metrics.confusion_matrix`,
+    the classes by name (``class_names``, class 1 first).
 
     DVC's ``confusion`` template counts rows, so a cell holding ``n`` becomes ``n`` identical rows.
     """
-    names = (*CLASS_NAMES, BACKGROUND_NAME)  # metrics.BACKGROUND is the last index
+    if matrix.shape != (len(class_names) + 1,) * 2:
+        raise ValueError(f"a confusion matrix of shape {matrix.shape} for {len(class_names)} classes")
+    names = (*class_names, BACKGROUND_NAME)  # metrics.BACKGROUND is the last index
     return [
         (names[t], names[p])
         for t in range(len(names))
@@ -73,10 +91,14 @@ def confusion_rows(matrix: np.ndarray) -> list[tuple[str, str]]:
     ]
 
 
-def write_confusion(path: Path, matrix: np.ndarray) -> None:
-    """``actual,predicted`` rows of every matched, missed and spurious instance."""
-    lines = ["actual,predicted"] + [f"{a},{p}" for a, p in confusion_rows(matrix)]
-    path.write_text("\n".join(lines) + "\n")
+def write_confusion(path: Path, matrix: np.ndarray, class_names: tuple[str, ...]) -> None:
+    """``actual,predicted`` rows of every matched, missed and spurious instance (CSV: a name with a comma is
+    quoted)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(("actual", "predicted"))
+    writer.writerows(confusion_rows(matrix, class_names))
+    path.write_text(buffer.getvalue())
 
 
 # -------------------------------------------------------------------------------------------------- overlays
@@ -148,8 +170,10 @@ def save_overlay(
     title: str,
     score_threshold: float,
     iou_threshold: float,
+    class_names: tuple[str, ...],
 ) -> dict[str, int]:
-    """Ground truth | predictions | outcome, contours on the image; returns the outcome counts.
+    """Ground truth | predictions | outcome, contours on the image, the classes by name (``class_names``, class 1
+    first); returns the outcome counts.
 
     Only predictions scoring at least ``score_threshold`` are drawn and matched, as in the confusion matrix.
     The outcome panel colours each prediction TP (matched, right class), wrong class or FP, and draws missed
@@ -159,12 +183,17 @@ def save_overlay(
     outcome = match_outcome(gt, shown, iou_threshold)
     counts = outcome.counts()
     figure, (ax_gt, ax_pred, ax_out) = _figure(gt.height, gt.width)
-    class_entries = dict(zip(CLASS_NAMES, CLASS_COLOURS, strict=True))
+    drawn = set(gt.labels.tolist()) | set(shown.labels.tolist())
+    class_entries = {
+        name: class_colour(k)
+        for k, name in enumerate(class_names, start=1)
+        if len(class_names) <= LEGEND_ALL_CLASSES_UP_TO or k in drawn
+    }
     for axes in (ax_gt, ax_pred, ax_out):
         axes.imshow(image)
         axes.set_axis_off()
-    _draw(ax_gt, instance_contours(gt), [CLASS_COLOURS[k - 1] for k in gt.labels])
-    _draw(ax_pred, instance_contours(shown), [CLASS_COLOURS[k - 1] for k in shown.labels])
+    _draw(ax_gt, instance_contours(gt), [class_colour(int(k)) for k in gt.labels])
+    _draw(ax_pred, instance_contours(shown), [class_colour(int(k)) for k in shown.labels])
     _draw(ax_out, instance_contours(shown), [OUTCOME_COLOURS[k] for k in outcome.predictions])
     _draw(
         ax_out,

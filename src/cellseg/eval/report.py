@@ -3,7 +3,7 @@
 The stage (:func:`evaluate_checkpoint`) writes, all or nothing:
 
 - ``<predictions>/val-results.json``: COCO results (RLE masks, ``bbox`` ``[x, y, w, h]``, score, category
-  1..4) and ``<predictions>/val-images.json`` (``[{"id", "name", "height", "width"}]``, ids 1..N in sample-name
+  1..K) and ``<predictions>/val-images.json`` (``[{"id", "name", "height", "width"}]``, ids 1..N in sample-name
   order), so that any COCO tool can re-score them;
 - ``<metrics>``: the flat metrics of :func:`cellseg.eval.coco_metrics.evaluate`, the nuclei metrics of
   :mod:`cellseg.eval.nuclei_metrics` (``pq``, ``dq``, ``sq``, ``mpq_plus``, ``aji``, ``aji_plus``, ``dice2``,
@@ -12,8 +12,8 @@ The stage (:func:`evaluate_checkpoint`) writes, all or nothing:
   ``pq_score_threshold_class<k>`` when tuned per class) plus ``checkpoint_epoch``;
 - ``<per_image>``: one CSV row per sample (name, n_true, n_pred, pq, dq, sq, aji, aji_plus, dice2, precision,
   recall, f1);
-- ``<plots>/pr/class<k>.csv``, ``<plots>/confusion.csv`` (rendered by ``dvc plots``) and
-  ``<plots>/overlays/<sample>.png`` of the ``evaluate.n_overlays`` samples of lowest PQ;
+- ``<plots>/pr/class<k>.csv``, ``<plots>/confusion.csv`` (rendered by ``dvc plots``; its axes name the
+  classes) and ``<plots>/overlays/<sample>.png`` of the ``evaluate.n_overlays`` samples of lowest PQ;
 - ``<plots>/maps/<sample>.png`` of the same samples: the auxiliary heads' centre and boundary maps beside the
   maps stage's targets (:func:`cellseg.eval.plots.save_map_comparison`). The folder is always written; it stays
   empty for a model without heads (``aux.enabled: false``) or when no maps folder is given.
@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cellseg import CLASS_NAMES, MAP_NAMES
+from cellseg import MAP_NAMES
 from cellseg.data.io import DataFormatError, list_samples, load_npz
-from cellseg.eval.coco_metrics import confusion_matrix
+from cellseg.eval.coco_metrics import class_key, confusion_matrix
 from cellseg.eval.nuclei_metrics import MATCH_IOU, SplitScores, per_image_csv
 from cellseg.eval.plots import save_map_comparison, save_overlay, write_confusion, write_pr_curves
 from cellseg.eval.score_model import ScoredSplit, nuclei_scores, score_files
@@ -89,8 +89,11 @@ def write_evaluation(
     params: Params,
     extra: dict | None = None,
     predict_maps: MapPredictor | None = None,
+    class_names: tuple[str, ...] | None = None,
 ) -> dict:
     """Write the predictions, metrics and plots of ``scored`` (``files`` are its samples, for the overlays).
+
+    ``class_names``: the model's, shown in the confusion matrix and the overlays (default: ``class1..classK``).
 
     ``predict_maps`` gives the heads' maps of an image: with ``paths.maps_dir``, the overlaid samples' maps
     are predicted again (only those few) and drawn against their targets in ``<plots>/maps``.
@@ -101,9 +104,14 @@ def write_evaluation(
     """
     if [p.stem for p in files] != scored.names:
         raise ValueError("files must be the scored samples, in the same order")
+    names = class_names or numbered_classes(scored.num_classes)
+    if len(names) != scored.num_classes:
+        raise ValueError(f"{len(names)} class names for {scored.num_classes} classes")
     results, images = coco_documents(scored)
     threshold = params.evaluate.confusion_score_threshold
-    matrix = confusion_matrix(scored.ground_truth, scored.predictions, MATCH_IOU, threshold)
+    matrix = confusion_matrix(
+        scored.ground_truth, scored.predictions, scored.num_classes, MATCH_IOU, threshold
+    )
     nuclei = nuclei_scores(scored, params.predict)
     metrics = {
         **scored.metrics,
@@ -121,9 +129,9 @@ def write_evaluation(
         write_json(predictions_tmp / RESULTS_FILE, results)
         write_json(predictions_tmp / IMAGES_FILE, images)
         write_pr_curves(outputs.enter_context(atomic_dir(paths.plots / PR_DIR)), scored.evaluation.pr_curves)
-        write_confusion(outputs.enter_context(atomic_file(paths.plots / CONFUSION_FILE)), matrix)
+        write_confusion(outputs.enter_context(atomic_file(paths.plots / CONFUSION_FILE)), matrix, names)
         overlays = outputs.enter_context(atomic_dir(paths.plots / OVERLAYS_DIR))
-        write_overlays(overlays, scored, nuclei, files, params)
+        write_overlays(overlays, scored, nuclei, files, params, names)
         maps = outputs.enter_context(atomic_dir(paths.plots / MAPS_DIR))
         if predict_maps is not None and paths.maps_dir is not None:
             write_map_comparisons(maps, scored, nuclei, files, params, paths.maps_dir, predict_maps)
@@ -134,6 +142,11 @@ def write_evaluation(
     return metrics
 
 
+def numbered_classes(num_classes: int) -> tuple[str, ...]:
+    """``class1 .. class<num_classes>``: the names of classes known only by number."""
+    return tuple(class_key(k) for k in range(1, num_classes + 1))
+
+
 def worst_by_pq(nuclei: SplitScores, n: int) -> list[int]:
     """Indices of the ``n`` samples of lowest PQ, worst first (ties by name); samples without PQ come last."""
     pq = [img.all.pq for img in nuclei.images]
@@ -142,7 +155,12 @@ def worst_by_pq(nuclei: SplitScores, n: int) -> list[int]:
 
 
 def write_overlays(
-    folder: Path, scored: ScoredSplit, nuclei: SplitScores, files: list[Path], params: Params
+    folder: Path,
+    scored: ScoredSplit,
+    nuclei: SplitScores,
+    files: list[Path],
+    params: Params,
+    class_names: tuple[str, ...],
 ) -> None:
     """Overlay PNGs of the ``evaluate.n_overlays`` samples of lowest PQ, titled with their PQ."""
     for rank, i in enumerate(worst_by_pq(nuclei, params.evaluate.n_overlays), start=1):
@@ -155,6 +173,7 @@ def write_overlays(
             f"{scored.names[i]}: {_rank_text(nuclei, i, rank)}",
             params.evaluate.confusion_score_threshold,
             MATCH_IOU,
+            class_names,
         )
 
 
@@ -221,6 +240,7 @@ def evaluate_checkpoint(
         lambda image: predict_image(model, image, params.predict, device, params.postproc),
         files,
         params.predict.max_per_image,
+        bundle.num_classes,
         desc="evaluate val",
     )
 
@@ -228,17 +248,18 @@ def evaluate_checkpoint(
         return predict_image_maps(model, image, params.predict, device)[1] if model.has_aux else None
 
     extra = {"checkpoint_epoch": int(state["epoch"]) + 1}
-    return write_evaluation(scored, files, paths, params, extra, predict_maps)
+    return write_evaluation(scored, files, paths, params, extra, predict_maps, bundle.class_names)
 
 
-def summary(metrics: dict) -> str:
-    """A few human lines: the dense and the leaderboard-equivalent figures, and AP50 per class."""
+def summary(metrics: dict, class_names: tuple[str, ...]) -> str:
+    """A few human lines: the dense and the leaderboard-equivalent figures, and AP50 per class (by name)."""
 
     def fmt(value: float) -> str:
         return f"{value:.4f}" if value >= 0 else "n/a"
 
-    per_class = "  ".join(f"{name} {fmt(metrics[f'ap50_{name}'])}" for name in CLASS_NAMES)
-    if any(metrics[f"ap50_{name}"] < 0 for name in CLASS_NAMES):
+    ap50 = [metrics[f"ap50_{class_key(k)}"] for k in range(1, len(class_names) + 1)]
+    per_class = "  ".join(f"{name} {fmt(value)}" for name, value in zip(class_names, ap50, strict=True))
+    if any(value < 0 for value in ap50):
         per_class += "  (n/a: no ground truth)"
     return "\n".join(
         [
@@ -248,15 +269,17 @@ def summary(metrics: dict) -> str:
             f"  (at most {metrics['max_detections']} detections per image and class)",
             f"  map_50_at_100 {fmt(metrics['map_50_at_100'])}  (leaderboard-equivalent: at most 100)",
             f"  AP50 per class: {per_class}",
-            *_nuclei_summary(metrics, fmt),
+            *_nuclei_summary(metrics, fmt, class_names),
         ]
     )
 
 
-def _nuclei_summary(metrics: dict, fmt) -> list[str]:
+def _nuclei_summary(metrics: dict, fmt, class_names: tuple[str, ...]) -> list[str]:
     if "pq" not in metrics:
         return []
-    per_class = "  ".join(f"{name} {fmt(metrics[f'pq_{name}'])}" for name in CLASS_NAMES)
+    per_class = "  ".join(
+        f"{name} {fmt(metrics[f'pq_{class_key(k)}'])}" for k, name in enumerate(class_names, start=1)
+    )
     return [
         f"  pq {fmt(metrics['pq'])} (dq {fmt(metrics['dq'])}, sq {fmt(metrics['sq'])})  mpq_plus "
         f"{fmt(metrics['mpq_plus'])}  aji {fmt(metrics['aji'])}  aji_plus {fmt(metrics['aji_plus'])}  "

@@ -37,36 +37,58 @@ class ScoredSplit:
     def metrics(self) -> dict:
         return self.evaluation.metrics
 
+    @property
+    def num_classes(self) -> int:
+        return self.evaluation.num_classes
 
-def load_labelled(path: Path) -> tuple:
-    """``(image, ground-truth Instances)`` of a prepared sample."""
+
+def load_labelled(path: Path, num_classes: int) -> tuple:
+    """``(image, ground-truth Instances)`` of a prepared sample, whose labels must have one row per class of a
+    model of ``num_classes`` classes."""
     arrays = load_npz(path)
     if "labels" not in arrays or "image" not in arrays:
         raise DataFormatError(f"{path}: needs 'image' and 'labels' arrays (rerun the prepare stage)")
-    return arrays["image"], Instances.from_label_rows(arrays["labels"])
+    labels = arrays["labels"]
+    if labels.ndim != 3 or labels.shape[0] != num_classes:
+        raise DataFormatError(
+            f"{path}: labels of {labels.shape[0] if labels.ndim == 3 else '?'} classes (shape {labels.shape}), "
+            f"but the model has {num_classes}: the data was prepared with other `classes` than the model's "
+            "(rerun the prepare stage, or use the matching model)"
+        )
+    return arrays["image"], Instances.from_label_rows(labels)
 
 
 def score_files(
-    predict: Callable[[np.ndarray], Instances], files: list[Path], max_detections: int, desc: str = "evaluate"
+    predict: Callable[[np.ndarray], Instances],
+    files: list[Path],
+    max_detections: int,
+    num_classes: int,
+    desc: str = "evaluate",
 ) -> ScoredSplit:
     """Predict every sample of ``files`` with ``predict(image)`` and score the predictions against their labels
-    (COCO AP at ``max_detections`` per image and class)."""
+    (COCO AP at ``max_detections`` per image and class, classes 1..``num_classes``)."""
     ground_truth, predictions = [], []
     for path in tqdm(files, desc=desc, unit="img", leave=False):
-        image, gt = load_labelled(path)
+        image, gt = load_labelled(path, num_classes)
         ground_truth.append(gt)
         predictions.append(predict(image))
-    return score_predictions([p.stem for p in files], ground_truth, predictions, max_detections)
+    return score_predictions([p.stem for p in files], ground_truth, predictions, max_detections, num_classes)
 
 
 def score_predictions(
-    names: list[str], ground_truth: list[Instances], predictions: list[Instances], max_detections: int
+    names: list[str],
+    ground_truth: list[Instances],
+    predictions: list[Instances],
+    max_detections: int,
+    num_classes: int,
 ) -> ScoredSplit:
     """A :class:`ScoredSplit` of predictions made elsewhere (or crafted), scored as :func:`score_files` does."""
-    return ScoredSplit(names, ground_truth, predictions, evaluate(ground_truth, predictions, max_detections))
+    evaluation = evaluate(ground_truth, predictions, max_detections, num_classes)
+    return ScoredSplit(names, ground_truth, predictions, evaluation)
 
 
 def nuclei_scores(scored: ScoredSplit, params: PredictParams) -> SplitScores:
     """PQ, mPQ⁺, AJI, DICE2, F1 … of a scored split (:mod:`cellseg.eval.nuclei_metrics`), on label maps at
     ``params.label_thresholds`` (the tuned ones, where the caller applied ``models/thresholds.json``)."""
-    return score_split(scored.names, scored.ground_truth, scored.predictions, NucleusRule.of(params))
+    rule = NucleusRule.of(params)
+    return score_split(scored.names, scored.ground_truth, scored.predictions, rule, scored.num_classes)

@@ -1,7 +1,7 @@
 """Score any COCO results file against a folder of truth: ``cellseg score RESULTS TRUTH_DIR MAPPING_JSON``.
 
 RESULTS is a COCO results JSON (``[{"image_id", "category_id", "segmentation": RLE, "score"}, ...]``) or a
-``submission.zip`` holding ``test-results.json``. TRUTH_DIR holds one ``<stem>/class1..4.tif`` folder per image
+``submission.zip`` holding ``test-results.json``. TRUTH_DIR holds one ``<stem>/class1..K.tif`` folder per image
 of the mapping (the layout of ``test_truth/`` or of a raw ``train/``; ``<stem>`` is the mapping's file name
 without extension); a missing folder or class file means no nucleus. MAPPING_JSON is the
 ``test_image_name_to_ids.json`` that gave the results their ``image_id``.
@@ -10,6 +10,10 @@ Figures: COCO mask AP (:func:`cellseg.eval.coco_metrics.evaluate`: AP50 and AP a
 image and class) and the nuclei metrics of :mod:`cellseg.eval.nuclei_metrics` on label maps made from the results
 scoring at least ``--score-threshold``, or, with ``--thresholds models/thresholds.json``, at least the tune stage's
 label-score threshold of their class (per class where the file has them, as ``evaluate`` applies them).
+
+The classes (K and their names, shown in the table) are ``--classes`` where given, else ``classes`` of the
+params.yaml in the current folder, else the four ``class1..class4``; a category id or a class file beyond K is
+an error.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from cellseg import CLASS_NAMES, NUM_CLASSES, CellsegError
-from cellseg.data.io import CLASS_FILES, TestEntry, read_label, read_test_mapping
-from cellseg.eval.coco_metrics import LEADERBOARD_MAX_DETECTIONS, evaluate
+from cellseg import DEFAULT_CLASSES, CellsegError
+from cellseg.data.io import TestEntry, check_class_file, class_files, read_label, read_test_mapping
+from cellseg.eval.coco_metrics import LEADERBOARD_MAX_DETECTIONS, class_key, evaluate
 from cellseg.eval.nuclei_metrics import SplitScores, per_image_csv, score_split
 from cellseg.instances import Instances, crop_to_box
 from cellseg.nuclei import DEFAULT_MIN_KEPT_FRACTION, NucleusRule
@@ -125,18 +129,24 @@ def _read_zip_entry(path: Path) -> bytes:
     return data
 
 
-def read_truth(truth_dir: str | Path, entries: list[TestEntry]) -> tuple[list[Instances], list[str]]:
-    """Ground truth of every mapped image, and the stems whose folder is missing (no nucleus there)."""
+def read_truth(
+    truth_dir: str | Path, entries: list[TestEntry], num_classes: int
+) -> tuple[list[Instances], list[str]]:
+    """Ground truth of every mapped image (classes 1..``num_classes``), and the stems whose folder is missing
+    (no nucleus there)."""
     truth_dir = Path(truth_dir)
     if not truth_dir.is_dir():
         raise ResultsError(f"{truth_dir}: truth folder not found")
     truths, missing = [], []
     for entry in entries:
         folder = truth_dir / Path(entry.file_name).stem
-        rows = np.zeros((NUM_CLASSES, entry.height, entry.width), np.int32)
+        rows = np.zeros((num_classes, entry.height, entry.width), np.int32)
         if not folder.is_dir():
             missing.append(folder.name)
-        for k, name in enumerate(CLASS_FILES):
+        else:
+            for path in folder.iterdir():
+                check_class_file(path, num_classes)
+        for k, name in enumerate(class_files(num_classes)):
             if (folder / name).is_file():
                 rows[k] = read_label(folder / name, (entry.height, entry.width))
         truths.append(Instances.from_label_rows(rows))
@@ -174,9 +184,10 @@ def _mask(row: dict, entry: TestEntry, path: Path, i: int) -> np.ndarray:
 
 
 def results_to_instances(
-    rows: list[dict], entries: list[TestEntry], path: Path, mapping: Path
+    rows: list[dict], entries: list[TestEntry], path: Path, mapping: Path, num_classes: int
 ) -> list[Instances]:
-    """One :class:`Instances` per mapping entry (box-local crops of the decoded masks), in mapping order."""
+    """One :class:`Instances` per mapping entry (box-local crops of the decoded masks), in mapping order; a
+    category id outside 1..``num_classes`` is an error."""
     index = {e.image_id: n for n, e in enumerate(entries)}
     per_image: list[list[tuple[int, float, np.ndarray]]] = [[] for _ in entries]
     for i, row in enumerate(rows):
@@ -188,8 +199,10 @@ def results_to_instances(
             raise _row_error(path, i, f"needs image_id, category_id and a numeric score ({err!r})") from err
         if image_id not in index:
             raise _row_error(path, i, f"image_id {image_id} is not in {mapping}")
-        if not 1 <= category <= NUM_CLASSES:
-            raise _row_error(path, i, f"category_id {category} is not a class id 1..{NUM_CLASSES}")
+        if not 1 <= category <= num_classes:
+            raise _row_error(
+                path, i, f"category_id {category} is not a class id 1..{num_classes} (see --classes)"
+            )
         if not math.isfinite(score):
             raise _row_error(path, i, f"score {row['score']!r} is not finite")
         entry = entries[index[image_id]]
@@ -231,18 +244,24 @@ def score_results(
     mapping: str | Path,
     score_threshold: float | tuple[float, ...] = DEFAULT_SCORE_THRESHOLD,
     min_kept_fraction: float = DEFAULT_MIN_KEPT_FRACTION,
+    classes: tuple[str, ...] = DEFAULT_CLASSES,
 ) -> Report:
-    """Read, check and score ``results`` against ``truth_dir`` (see the module docstring)."""
+    """Read, check and score ``results`` against ``truth_dir`` (see the module docstring); ``classes``: the class
+    names, class 1 first (their number is K)."""
     results, mapping = Path(results), Path(mapping)
+    k_classes = len(classes)
+    if isinstance(score_threshold, tuple) and len(score_threshold) != k_classes:
+        raise ResultsError(f"{len(score_threshold)} per-class score thresholds for {k_classes} classes")
     entries = read_test_mapping(mapping)
     rows = read_results(results)
-    predictions = results_to_instances(rows, entries, results, mapping)
-    truths, missing = read_truth(truth_dir, entries)
+    predictions = results_to_instances(rows, entries, results, mapping, k_classes)
+    truths, missing = read_truth(truth_dir, entries, k_classes)
     names = [Path(e.file_name).stem for e in entries]
     # a dense cap above every image's count, so that per-class AP50 drops nothing; the totals are at 100
     dense = max([LEADERBOARD_MAX_DETECTIONS + 1] + [len(p) + 1 for p in predictions])
-    coco = evaluate(truths, predictions, max_detections=dense).metrics
-    nuclei = score_split(names, truths, predictions, NucleusRule(score_threshold, min_kept_fraction))
+    coco = evaluate(truths, predictions, max_detections=dense, num_classes=k_classes).metrics
+    rule = NucleusRule(score_threshold, min_kept_fraction)
+    nuclei = score_split(names, truths, predictions, rule, k_classes)
     metrics = {
         "ap50_at_100": coco["map_50_at_100"],
         "ap": coco["map_at_100"],
@@ -255,10 +274,10 @@ def score_results(
         "n_pred": coco["n_predictions"],
         "per_class": {},
     }
-    for k, (name, c) in enumerate(zip(CLASS_NAMES, nuclei.class_counts(), strict=True), start=1):
+    for k, (name, c) in enumerate(zip(classes, nuclei.class_counts(), strict=True), start=1):
         figures = {key: (-1.0 if v is None else v) for key, v in c.figures().items() if key in _CLASS_FIGURES}
         metrics["per_class"][name] = {
-            "ap50": coco[f"ap50_class{k}"],
+            "ap50": coco[f"ap50_{class_key(k)}"],
             **figures,
             "n_true": c.n_true,
             "n_pred": c.n_pred,
@@ -276,15 +295,16 @@ def _thresholds_text(value) -> str:
     )
 
 
-def thresholds_from_file(path: Path) -> float | tuple[float, ...]:
-    """The label-score threshold(s) a tune stage's ``thresholds.json`` gives label maps."""
+def thresholds_from_file(path: Path, num_classes: int) -> float | tuple[float, ...]:
+    """The label-score threshold(s) a tune stage's ``thresholds.json`` gives label maps (of ``num_classes``
+    classes)."""
     from cellseg.model.thresholds import PER_CLASS_KEY, _per_class, _read_thresholds
 
     stored = _read_thresholds(path)
     try:
         value = float(stored["label_score_threshold"])
         if PER_CLASS_KEY in stored:
-            return tuple(_per_class(stored[PER_CLASS_KEY], value))
+            return tuple(_per_class(stored[PER_CLASS_KEY], value, num_classes))
     except (KeyError, TypeError, ValueError) as err:
         raise ResultsError(f"{path}: not a thresholds file ({err})") from None
     return value
@@ -296,7 +316,8 @@ def format_table(metrics: dict) -> str:
     def fmt(value) -> str:
         return "   n/a" if value is None or value < 0 else f"{value:6.3f}"
 
-    header = f"{'':8} {'AP50':>6} {'PQ':>6} {'DQ':>6} {'SQ':>6} {'prec':>6} {'recall':>6} {'F1':>6} {'n_true':>7} {'n_pred':>7}"
+    width = max([8, *(len(name) for name in metrics["per_class"])])
+    header = f"{'':{width}} {'AP50':>6} {'PQ':>6} {'DQ':>6} {'SQ':>6} {'prec':>6} {'recall':>6} {'F1':>6} {'n_true':>7} {'n_pred':>7}"
     lines = [
         f"{metrics['n_images']} images ({metrics['n_images_without_truth_folder']} without truth folder), "
         f"{metrics['n_true']} true nuclei, {metrics['n_pred']} predictions; "
@@ -305,7 +326,7 @@ def format_table(metrics: dict) -> str:
     ]
     for name, c in metrics["per_class"].items():
         lines.append(
-            f"{name:8} {fmt(c['ap50'])} {fmt(c['pq'])} {fmt(c['dq'])} {fmt(c['sq'])} {fmt(c['precision'])} "
+            f"{name:{width}} {fmt(c['ap50'])} {fmt(c['pq'])} {fmt(c['dq'])} {fmt(c['sq'])} {fmt(c['precision'])} "
             f"{fmt(c['recall'])} {fmt(c['f1'])} {c['n_true']:7d} {c['n_pred']:7d}"
         )
     m = metrics
@@ -326,13 +347,25 @@ def write_per_image(path: str | Path, nuclei: SplitScores) -> None:
     )
 
 
+def score_classes(option: str | None, params_file: Path = Path("params.yaml")) -> tuple[str, ...]:
+    """The classes to score: ``--classes`` (comma-separated), else ``classes`` of ``params_file`` where it
+    exists, else :data:`cellseg.DEFAULT_CLASSES`."""
+    from cellseg.params import check_classes, load_params
+
+    if option is not None:
+        return check_classes([name.strip() for name in option.split(",")], "--classes")
+    if params_file.is_file():
+        return tuple(load_params(params_file).classes)
+    return DEFAULT_CLASSES
+
+
 def main(argv: list[str] | None = None, prog: str = "cellseg score") -> None:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument(
         "results", type=Path, help="COCO results JSON, or a submission.zip holding test-results.json"
     )
     parser.add_argument(
-        "truth_dir", type=Path, help="<stem>/class1..4.tif folders (test_truth/ or a raw train/)"
+        "truth_dir", type=Path, help="<stem>/class1..K.tif folders (test_truth/ or a raw train/)"
     )
     parser.add_argument(
         "mapping", type=Path, help="test_image_name_to_ids.json: file_name, id, height, width"
@@ -357,6 +390,12 @@ def main(argv: list[str] | None = None, prog: str = "cellseg score") -> None:
         help="drop a predicted nucleus that keeps less than this share of its mask once overlaps are resolved "
         f"(default {DEFAULT_MIN_KEPT_FRACTION})",
     )
+    parser.add_argument(
+        "--classes",
+        metavar="NAMES",
+        help="the class names, comma-separated, class 1 first (K = their number; default: `classes` of "
+        "./params.yaml where there is one, else class1,class2,class3,class4)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument(
         "--per-image", type=Path, metavar="FILE", help="write per-image figures (.json, else CSV)"
@@ -364,8 +403,13 @@ def main(argv: list[str] | None = None, prog: str = "cellseg score") -> None:
     args = parser.parse_args(argv)
     if not 0.0 <= args.min_kept_fraction <= 1.0:
         raise ResultsError(f"--min-kept-fraction must be within [0, 1], got {args.min_kept_fraction}")
-    threshold = thresholds_from_file(args.thresholds) if args.thresholds else args.score_threshold
-    report = score_results(args.results, args.truth_dir, args.mapping, threshold, args.min_kept_fraction)
+    classes = score_classes(args.classes)
+    threshold = (
+        thresholds_from_file(args.thresholds, len(classes)) if args.thresholds else args.score_threshold
+    )
+    report = score_results(
+        args.results, args.truth_dir, args.mapping, threshold, args.min_kept_fraction, classes
+    )
     if args.per_image:
         write_per_image(args.per_image, report.nuclei)
     print(json.dumps(report.metrics, indent=1) if args.json else format_table(report.metrics))

@@ -44,7 +44,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cellseg import NUM_CLASSES
 from cellseg.eval.nuclei_metrics import score_split
 from cellseg.eval.score_model import load_labelled
 from cellseg.infer.detect import detect_image, postprocess
@@ -70,10 +69,12 @@ def tune_thresholds(
     params: PredictParams,
     tune: TuneParams,
     device: torch.device,
+    num_classes: int,
     postproc: PostprocParams | None = None,
 ) -> dict:
     """The (score, mask) threshold pair of the grids with the highest validation PQ, and every pair's PQ
-    (predictions post-processed with ``postproc`` as ``evaluate`` and ``submit`` do).
+    (predictions post-processed with ``postproc`` as ``evaluate`` and ``submit`` do); ``num_classes``: the
+    model's classes (per-class thresholds are one per class).
 
     With :func:`tunes_peaks`, the (score, mask, peak) triple: each mask threshold's predictions are refined
     with every ``tune.peak_grid`` value. Otherwise ``peak_threshold`` is ``postproc``'s own (absent
@@ -81,7 +82,7 @@ def tune_thresholds(
     """
     if not tune.enabled:
         return untuned(params, postproc)
-    samples = [load_labelled(path) for path in files]
+    samples = [load_labelled(path, num_classes) for path in files]
     names = [path.stem for path in files]
     truths = [gt for _, gt in samples]
     tried = []
@@ -91,7 +92,7 @@ def tune_thresholds(
         kept[(mask_threshold, peak)] = predictions
         for score_threshold in tune.score_grid:
             rule = NucleusRule(score_threshold, params.min_kept_fraction)
-            metrics = score_split(names, truths, predictions, rule).metrics
+            metrics = score_split(names, truths, predictions, rule, num_classes).metrics
             row = {"label_score_threshold": score_threshold, "mask_threshold": mask_threshold}
             if peak is not None:
                 row[PEAK_KEY] = peak
@@ -122,7 +123,8 @@ def tune_thresholds(
     }
     if tune.class_score_grid:
         predictions = kept[(best["mask_threshold"], best.get(PEAK_KEY))]
-        out.update(tune_per_class(names, truths, predictions, best["label_score_threshold"], params, tune))
+        global_threshold = best["label_score_threshold"]
+        out.update(tune_per_class(names, truths, predictions, global_threshold, params, tune, num_classes))
     return out
 
 
@@ -133,21 +135,23 @@ def tune_per_class(
     global_threshold: float,
     params: PredictParams,
     tune: TuneParams,
+    num_classes: int,
 ) -> dict:
-    """Per-class label-score thresholds (the rule in the module docstring) and the validation figures at the
-    global and at the per-class thresholds."""
+    """Per-class label-score thresholds of classes 1..``num_classes`` (the rule in the module docstring) and the
+    validation figures at the global and at the per-class thresholds."""
 
     def metrics(thresholds: list[float]) -> dict:
-        return score_split(names, truths, predictions, NucleusRule(tuple(thresholds), params.min_kept_fraction)).metrics
+        rule = NucleusRule(tuple(thresholds), params.min_kept_fraction)
+        return score_split(names, truths, predictions, rule, num_classes).metrics
 
-    present = {k for k in range(1, NUM_CLASSES + 1) if any((gt.labels == k).any() for gt in truths)}
-    chosen = [global_threshold] * NUM_CLASSES
+    present = {k for k in range(1, num_classes + 1) if any((gt.labels == k).any() for gt in truths)}
+    chosen = [global_threshold] * num_classes
     at_global = metrics(chosen)
     class_tried = []
     for k in sorted(present):
         best_value, best_pq = global_threshold, at_global[f"pq_class{k}"]
         for value in sorted(tune.class_score_grid):
-            trial = [global_threshold] * NUM_CLASSES  # the other classes at the global threshold
+            trial = [global_threshold] * num_classes  # the other classes at the global threshold
             trial[k - 1] = value
             pq = metrics(trial)[f"pq_class{k}"]
             class_tried.append({"class": k, "label_score_threshold": value, "pq_class": pq})

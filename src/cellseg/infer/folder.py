@@ -1,7 +1,7 @@
 """Prediction on any folder of images, written the way annotations are: one instance label map per class.
 
 For users without a test mapping. Each image ``<in>/<stem>.tif|png|jpg`` gives ``<out>/<stem>/class1.tif ..
-class4.tif``: float64 label images in which each non-zero value is one instance, with one id counter across
+classK.tif`` (K: the model's classes, ``class<k>.tif`` for its k-th name): float64 label images in which each non-zero value is one instance, with one id counter across
 the classes of the image (class1 holds the first ids), as in the raw training data. A class without instances
 has no file. Predictions therefore open with the same readers and viewers as the annotations.
 
@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from cellseg import NUM_CLASSES, CellsegError
+from cellseg import CellsegError
 from cellseg.data.io import DataFormatError, read_image, to_rgb8, visible_files
 from cellseg.device import select_device
 from cellseg.fsutil import save_npz, write_json
@@ -115,8 +115,11 @@ def predict_folder(
     postproc: PostprocParams | None = None,
     maps_format: str | None = None,
     record: dict | None = None,
+    *,
+    class_names: tuple[str, ...],
 ) -> dict:
-    """Predict every image of ``in_dir`` into ``out_dir/<stem>/``; return the instance count per image.
+    """Predict every image of ``in_dir`` into ``out_dir/<stem>/``; return the instance count per image and
+    class, by name (``class_names``: the model's, class 1 first).
 
     Only the per-image folders (and ``provenance.json``) are replaced, so other content of ``out_dir`` is left
     alone. ``postproc`` adds the map-guided steps; ``maps_format`` (``png`` or ``npz``) also writes the heads'
@@ -134,7 +137,7 @@ def predict_folder(
     rule = NucleusRule.of(params)
     counts = {}
     predictions = predict_images_maps(model, _read_all(paths), params, device, postproc)
-    with open_sinks(["tifs"], SinkContext(out_dir)) as (tifs,):
+    with open_sinks(["tifs"], SinkContext(out_dir, class_names=class_names)) as (tifs,):
         for path, (inst, maps) in tqdm(
             zip(paths, predictions, strict=True), total=len(paths), desc="predict", unit="img"
         ):
@@ -143,7 +146,7 @@ def predict_folder(
             if maps_format:
                 write_prob_maps(out_dir / path.stem, maps, maps_format)
             counts[path.name] = {
-                f"class{k}": int(np.count_nonzero(found.labels == k)) for k in range(1, NUM_CLASSES + 1)
+                name: int(np.count_nonzero(found.labels == k)) for k, name in enumerate(class_names, start=1)
             }
     return counts
 
@@ -155,7 +158,8 @@ def main(argv: list[str] | None = None, prog: str = "cellseg predict") -> None:
     parser.add_argument("image_folder", help=f"images to predict ({', '.join(IMAGE_SUFFIXES)})")
     parser.add_argument(
         "out_dir",
-        help="written: <stem>/class{k}.tif per image (absent when no instance), and provenance.json (the "
+        help="written: <stem>/class{k}.tif per image (class k: the model's k-th class; absent when no "
+        "instance), and provenance.json (the "
         "checkpoint's sha256 and training params, the cellseg version, the settings, the images)",
     )
     parser.add_argument(
@@ -184,5 +188,6 @@ def main(argv: list[str] | None = None, prog: str = "cellseg predict") -> None:
         model.postproc,
         args.maps,
         model.provenance(),
+        class_names=model.class_names,
     )
     print(json.dumps(counts, indent=2))

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from cellseg import CLASS_NAMES
-from cellseg.model.checkpoint import load_trained_model
+from cellseg import CellsegError
+from cellseg.model.checkpoint import checkpoint_classes, load_trained_model
 from cellseg.model.maskrcnn import CellMaskRCNN
 from cellseg.model.thresholds import thresholds_beside, tuned_postproc_params, tuned_predict_params
 from cellseg.nuclei import NucleusRule
@@ -30,7 +30,8 @@ class ModelBundle:
     """A checkpoint opened for inference, with the settings that decide its outputs.
 
     ``predict`` and ``postproc`` are params.yaml's sections with the tuned thresholds applied, computed when
-    first used (a command reads only the settings it uses: DVC's params lists stay exact)."""
+    first used (a command reads only the settings it uses: DVC's params lists stay exact). ``class_names`` are
+    the checkpoint's (not params.yaml's ``classes``): the model predicts class ids 1..len(class_names)."""
 
     def __init__(
         self,
@@ -43,14 +44,33 @@ class ModelBundle:
         self.network, self.checkpoint, self.state = network, checkpoint, state
         self.thresholds_file = thresholds_file  # where the tuned thresholds come from (None: params.yaml's)
         self._params = params
+        self.class_names = checkpoint_classes(state, checkpoint)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
     @cached_property
     def predict(self) -> PredictParams:
-        return tuned_predict_params(self._params.predict, self.thresholds_file)
+        predict = tuned_predict_params(self._params.predict, self.thresholds_file, self.num_classes)
+        per_class = as_dict(predict)["class_score_thresholds"]  # a check, not a read of the key
+        if per_class and len(per_class) != self.num_classes:
+            raise CellsegError(
+                f"predict.class_score_thresholds has {len(per_class)} values, but {self.checkpoint} has "
+                f"{self.num_classes} classes ({', '.join(self.class_names)}): give one value per class, or []"
+            )
+        return predict
 
     @cached_property
     def postproc(self) -> PostprocParams:
-        return tuned_postproc_params(self._params.postproc, self.thresholds_file)
+        postproc = tuned_postproc_params(self._params.postproc, self.thresholds_file)
+        recover_class = as_dict(postproc)["recover_class"]  # a check, not a read of the key
+        if recover_class > self.num_classes:
+            raise CellsegError(
+                f"postproc.recover_class is {recover_class}, but {self.checkpoint} has {self.num_classes} "
+                f"classes ({', '.join(self.class_names)}): choose one of 1..{self.num_classes}"
+            )
+        return postproc
 
     @property
     def rule(self) -> NucleusRule:
@@ -71,10 +91,6 @@ class ModelBundle:
         """The resolution the model was trained at (``data.mpp`` saved in the checkpoint), in µm/px; params.yaml's
         for a checkpoint older than the setting (:attr:`records_mpp`: the commands that rescale warn)."""
         return float(self.trained_params["data"]["mpp"] if self.records_mpp else self._params.data.mpp)
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return CLASS_NAMES
 
     def provenance(self, postproc: bool = True, **settings) -> dict:
         """The record written beside a result: the checkpoint (path, sha256, size, epochs, training params),

@@ -6,8 +6,12 @@ exactly where the interrupted one stopped (a test checks bit-identical weights o
 tensors is plain data (numbers, strings, lists, dicts): every checkpoint is read with torch's weights-only
 unpickler (:mod:`cellseg.model.safe_load`), so opening a model file never runs code from it.
 
+The params saved hold ``classes``, the class names in order: inference rebuilds the model for that many
+classes and shows those names (:func:`checkpoint_classes`; a checkpoint saved before the setting existed has the
+four ``class1..class4``).
+
 Resuming with changed params (:func:`resume_changes`): a change to what the weights *are* (architecture,
-trainable stages, anchors, aux heads) is an error that says so; ``train.lr``, ``train.weight_decay`` and
+trainable stages, anchors, aux heads, the classes) is an error that says so; ``train.lr``, ``train.weight_decay`` and
 ``train.epochs`` apply from the resumed epoch on, the cosine schedule following the new values; every other
 change applies as it is, and each one is printed.
 """
@@ -21,11 +25,11 @@ import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from cellseg import CellsegError
+from cellseg import DEFAULT_CLASSES, CellsegError
 from cellseg.fsutil import atomic_file
 from cellseg.model.maskrcnn import CellMaskRCNN, build_model, for_inference
 from cellseg.model.safe_load import check_weights_only, load_weights_only, plain, read_failure
-from cellseg.params import AuxParams, ModelParams, Params
+from cellseg.params import AuxParams, ModelParams, Params, ParamsError, check_classes
 
 
 def save_checkpoint(
@@ -114,6 +118,10 @@ WEIGHT_DEFINING = {
     "aux": ("enabled", "hidden_channels"),
 }
 """Params that change what the weights or the optimised parameters are: resuming across them is an error."""
+WEIGHT_DEFINING_TOP_LEVEL = ("classes",)
+"""Top-level params (values, not sections) of that kind: the classes size and name the predictors' outputs."""
+SAVED_BEFORE = {"classes": list(DEFAULT_CLASSES)}
+"""The value of a top-level key in a checkpoint saved before the key existed."""
 
 SCHEDULE = ("lr", "weight_decay", "epochs")
 """``train`` params that re-shape the optimisation from the resumed epoch on."""
@@ -126,11 +134,21 @@ def resume_changes(saved: dict, params: Params, path: Path) -> tuple[dict[str, t
     changed = {
         f"{section}.{key}": (saved[section][key], value)
         for section, values in today.items()
-        if isinstance(saved.get(section), dict)
+        if isinstance(values, dict) and isinstance(saved.get(section), dict)
         for key, value in values.items()
         if key in saved[section] and saved[section][key] != value
     }
-    fatal = [k for k in changed if k.split(".")[1] in WEIGHT_DEFINING.get(k.split(".")[0], ())]
+    for key, value in today.items():  # top-level values (classes): compared whole
+        if not isinstance(value, dict) and (key in saved or key in SAVED_BEFORE):
+            old = saved.get(key, SAVED_BEFORE.get(key))
+            if old != value:
+                changed[key] = (old, value)
+    fatal = [
+        k
+        for k in changed
+        if k in WEIGHT_DEFINING_TOP_LEVEL
+        or k.partition(".")[2] in WEIGHT_DEFINING.get(k.partition(".")[0], ())
+    ]
     if fatal:
         parts = ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in fatal)
         raise ResumeError(
@@ -177,8 +195,21 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
+def checkpoint_classes(state: dict, path: str | Path = "checkpoint") -> tuple[str, ...]:
+    """The class names a checkpoint was trained with (its params' ``classes``, class 1 first); a checkpoint
+    saved before ``classes`` existed was trained on the four :data:`cellseg.DEFAULT_CLASSES`."""
+    trained = state.get("params") if isinstance(state, dict) else None
+    if not isinstance(trained, dict) or "classes" not in trained:
+        return DEFAULT_CLASSES
+    try:
+        return check_classes(trained["classes"], f"{path}: classes")
+    except ParamsError as err:
+        raise CheckpointError(str(err)) from None
+
+
 def load_trained_model(checkpoint: str | Path, device: torch.device) -> tuple[CellMaskRCNN, dict]:
-    """The model a checkpoint was trained with (its own model/aux params, not params.yaml's), ready for inference.
+    """The model a checkpoint was trained with (its own model/aux params and classes, not params.yaml's), ready
+    for inference.
 
     Returns ``(model, checkpoint dict)``; the model is in eval mode on ``device`` (see ``maskrcnn.for_inference``).
     A foreign file (a plain state dict, weights of another model, a checkpoint of an older cellseg whose params
@@ -197,7 +228,7 @@ def load_trained_model(checkpoint: str | Path, device: torch.device) -> tuple[Ce
         model_params = ModelParams(**{**trained["model"], "pretrained": "none"})  # weights come from the file
         # Checkpoints from before aux.boundary_downsample were trained with the nearest-neighbour target.
         aux_params = AuxParams(**{"boundary_downsample": "nearest", **trained["aux"]})
-        model = build_model(model_params, aux_params)
+        model = build_model(model_params, aux_params, len(checkpoint_classes(state, checkpoint)))
         _freeze_batch_norms_like(model, state["model"])
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:

@@ -70,9 +70,13 @@ def gather_roi_align(
     index = torch.stack(
         [rows(y_lo, x_lo), rows(y_lo, x_hi), rows(y_hi, x_lo), rows(y_hi, x_hi)], dim=-1
     )  # K × ph·s × pw·s × 4
-    weights = torch.stack(
-        [weight(wy_lo, wx_lo), weight(wy_lo, wx_hi), weight(wy_hi, wx_lo), weight(wy_hi, wx_hi)], dim=-1
-    ) * keep[..., None]
+    weights = (
+        torch.stack(
+            [weight(wy_lo, wx_lo), weight(wy_lo, wx_hi), weight(wy_hi, wx_lo), weight(wy_hi, wx_hi)], dim=-1
+        )
+        * keep[..., None]
+    )
+
     def bags(t: Tensor) -> Tensor:  # one bag per output bin: its s × s samples × 4 neighbours
         return t.reshape(k, ph, s, pw, s, 4).permute(0, 1, 3, 2, 4, 5).reshape(k * ph * pw, s * s * 4)
 

@@ -1,7 +1,7 @@
-"""Mask R-CNN for four cell classes, with optional auxiliary centre and boundary heads.
+"""Mask R-CNN for K cell classes, with optional auxiliary centre and boundary heads.
 
 The detector comes from torchvision's builders (R50-FPN, R50-FPN-v2) or, for CPU demos, from a ResNet-18 FPN
-backbone. Predictors are sized for 5 classes (4 cells + background) as in the reference. Three things differ
+backbone. Predictors are sized for K + 1 classes (the K of ``classes`` + background; the reference's 4 + 1). Three things differ
 from a stock torchvision model, each for a reason:
 
 - :class:`CellTransform` resizes by a constant ``scale`` by default, so a cell keeps its pixel size whatever
@@ -40,7 +40,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.ops.poolers import initLevelMapper
 
-from cellseg import MAP_NAMES, NUM_CLASSES, CellsegError
+from cellseg import MAP_NAMES, CellsegError
 from cellseg.model import cpu_roi_align, mask_targets
 from cellseg.model.safe_load import load_weights_only, read_failure
 from cellseg.params import AuxParams, ModelParams
@@ -298,8 +298,9 @@ def ensure_downloaded(weights, timeout_s: float = 30.0) -> Path:
     return target
 
 
-def _detector(params: ModelParams, coco: bool, imagenet: bool) -> MaskRCNN:
-    """A torchvision Mask R-CNN for 5 classes with the dense-scene settings of ``params``."""
+def _detector(params: ModelParams, coco: bool, imagenet: bool, num_classes: int) -> MaskRCNN:
+    """A torchvision Mask R-CNN for ``num_classes`` cell classes + background with the dense-scene settings of
+    ``params``."""
     settings = dict(
         rpn_pre_nms_top_n_train=params.rpn_pre_nms_top_n_train,
         rpn_post_nms_top_n_train=params.rpn_post_nms_top_n_train,
@@ -314,23 +315,23 @@ def _detector(params: ModelParams, coco: bool, imagenet: bool) -> MaskRCNN:
     arch = params.arch
     trainable = params.trainable_layers if (coco or imagenet) else None
     if arch == LITE_ARCH:
-        return _lite_detector(imagenet, params.trainable_layers if imagenet else 5, settings)
+        return _lite_detector(imagenet, params.trainable_layers if imagenet else 5, settings, num_classes)
     builder = maskrcnn_resnet50_fpn if arch == "maskrcnn_resnet50_fpn" else maskrcnn_resnet50_fpn_v2
     if coco:
-        # COCO's 91-class predictors are replaced by 5-class ones, as in the reference.
+        # COCO's 91-class predictors are replaced by (K + 1)-class ones, as in the reference.
         model = builder(weights=_COCO[arch], trainable_backbone_layers=trainable, **settings)
-        _replace_predictors(model)
+        _replace_predictors(model, num_classes)
         return model
     return builder(
         weights=None,
         weights_backbone=_IMAGENET[arch] if imagenet else None,
-        num_classes=NUM_CLASSES + 1,
+        num_classes=num_classes + 1,
         trainable_backbone_layers=trainable,
         **settings,
     )
 
 
-def _lite_detector(imagenet: bool, trainable_layers: int, settings: dict) -> MaskRCNN:
+def _lite_detector(imagenet: bool, trainable_layers: int, settings: dict, num_classes: int) -> MaskRCNN:
     """The CPU demo model: ResNet-18 with a 64-channel FPN and heads to match.
 
     The FPN, RPN and mask-head convolutions cost channels² per pixel; at 64 instead of 256 channels a CPU
@@ -355,18 +356,18 @@ def _lite_detector(imagenet: bool, trainable_layers: int, settings: dict) -> Mas
         backbone,
         num_classes=None,  # given by the predictors below
         box_head=TwoMLPHead(LITE_CHANNELS * 7 * 7, 256),
-        box_predictor=FastRCNNPredictor(256, NUM_CLASSES + 1),
+        box_predictor=FastRCNNPredictor(256, num_classes + 1),
         mask_head=MaskRCNNHeads(LITE_CHANNELS, [LITE_CHANNELS] * 4, 1),
-        mask_predictor=MaskRCNNPredictor(LITE_CHANNELS, LITE_CHANNELS, NUM_CLASSES + 1),
+        mask_predictor=MaskRCNNPredictor(LITE_CHANNELS, LITE_CHANNELS, num_classes + 1),
         **settings,
     )
 
 
-def _replace_predictors(model: MaskRCNN) -> None:
+def _replace_predictors(model: MaskRCNN, num_classes: int) -> None:
     box_in = model.roi_heads.box_predictor.cls_score.in_features
-    model.roi_heads.box_predictor = FastRCNNPredictor(box_in, NUM_CLASSES + 1)
+    model.roi_heads.box_predictor = FastRCNNPredictor(box_in, num_classes + 1)
     mask_in = model.roi_heads.mask_predictor.conv5_mask.in_channels
-    model.roi_heads.mask_predictor = MaskRCNNPredictor(mask_in, 256, NUM_CLASSES + 1)
+    model.roi_heads.mask_predictor = MaskRCNNPredictor(mask_in, 256, num_classes + 1)
 
 
 def load_matching_weights(model: nn.Module, path: str | Path) -> tuple[int, list[str]]:
@@ -408,8 +409,12 @@ def download_pretrained(params: ModelParams) -> None:
         ensure_downloaded(_IMAGENET[params.arch])
 
 
-def build_model(params: ModelParams, aux: AuxParams) -> CellMaskRCNN:
-    """The model described by ``params.yaml``; ``model.pretrained`` selects where initial weights come from."""
+def build_model(params: ModelParams, aux: AuxParams, num_classes: int) -> CellMaskRCNN:
+    """The model described by ``params.yaml`` for ``num_classes`` cell classes (K, the length of ``classes``;
+    the predictors have K + 1 outputs with the background); ``model.pretrained`` selects where initial weights
+    come from (a file's predictors for another number of classes are skipped: they do not fit)."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     source = params.pretrained
     coco, imagenet = source == "coco", source == "imagenet"
     if coco:
@@ -420,7 +425,7 @@ def build_model(params: ModelParams, aux: AuxParams) -> CellMaskRCNN:
         ensure_downloaded(_COCO[params.arch])
     if imagenet:
         ensure_downloaded(_IMAGENET[params.arch])
-    model = CellMaskRCNN(_detector(params, coco, imagenet), CellTransform(params), aux)
+    model = CellMaskRCNN(_detector(params, coco, imagenet, num_classes), CellTransform(params), aux)
     model.rpn.anchor_generator = AnchorGenerator(
         sizes=tuple((s,) for s in params.anchor_sizes),
         aspect_ratios=((0.5, 1.0, 2.0),) * len(params.anchor_sizes),

@@ -1,6 +1,6 @@
 """The tune stage's ``thresholds.json``: written by :mod:`cellseg.eval.tune`, applied to the params here.
 
-``label_score_threshold_per_class`` (``{"1": t1, ..., "4": t4}``) becomes ``predict.class_score_thresholds``,
+``label_score_threshold_per_class`` (``{"1": t1, ..., "K": tK}``, K the model's classes) becomes ``predict.class_score_thresholds``,
 which every label map then applies (a class the entry does not name keeps ``label_score_threshold``); a file
 without the entry, written before per-class tuning, keeps the params' own ``class_score_thresholds``.
 
@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cellseg import NUM_CLASSES
 from cellseg.data.io import DataFormatError
 from cellseg.params import PostprocParams, PredictParams, replace
 
 THRESHOLDS_FILE = "thresholds.json"
 TUNED_KEYS = ("label_score_threshold", "mask_threshold")
 PEAK_KEY = "peak_threshold"  # postproc.peak_threshold: stored always, tuned only with a step on and heads
-PER_CLASS_KEY = "label_score_threshold_per_class"  # {"1": t1, ..., "4": t4}: predict.class_score_thresholds
+PER_CLASS_KEY = "label_score_threshold_per_class"  # {"1": t1, ..., "K": tK}: predict.class_score_thresholds
 
 
 def thresholds_beside(checkpoint: str | Path) -> Path | None:
@@ -46,14 +45,17 @@ def per_class_entry(thresholds: list[float] | tuple[float, ...]) -> dict[str, fl
     return {str(k): float(t) for k, t in enumerate(thresholds, start=1)}
 
 
-def _per_class(stored: object, default: float) -> list[float]:
-    """``predict.class_score_thresholds`` from the file's entry; a class it does not name keeps ``default``."""
+def _per_class(stored: object, default: float, num_classes: int) -> list[float]:
+    """``predict.class_score_thresholds`` of a model of ``num_classes`` classes from the file's entry; a class it
+    does not name keeps ``default``; a class beyond ``num_classes`` is an error (a file of another model)."""
     if not isinstance(stored, dict):
         raise ValueError(f"{PER_CLASS_KEY} is a {type(stored).__name__}, not a mapping")
-    values = [default] * NUM_CLASSES
+    values = [default] * num_classes
     for key, value in stored.items():
         k = int(key)
-        if not 1 <= k <= NUM_CLASSES or not 0.0 <= float(value) < 1.0:
+        if not 1 <= k <= num_classes:
+            raise ValueError(f"{PER_CLASS_KEY}: class {key!r}, but the model has {num_classes} classes")
+        if not 0.0 <= float(value) < 1.0:
             raise ValueError(f"{PER_CLASS_KEY}: class {key!r} threshold {value!r}")
         values[k - 1] = float(value)
     return values
@@ -75,8 +77,11 @@ def _not_a_thresholds_file(path: Path, why: object) -> DataFormatError:
     return DataFormatError(f"{path}: not a thresholds file ({why}); rerun the tune stage or delete the file")
 
 
-def tuned_predict_params(params: PredictParams, thresholds_path: str | Path | None) -> PredictParams:
-    """``params`` with the thresholds stored in ``thresholds_path`` (``None``: the params' own values)."""
+def tuned_predict_params(
+    params: PredictParams, thresholds_path: str | Path | None, num_classes: int
+) -> PredictParams:
+    """``params`` with the thresholds stored in ``thresholds_path`` (``None``: the params' own values), for a
+    model of ``num_classes`` classes."""
     if thresholds_path is None:
         return params
     path = Path(thresholds_path)
@@ -85,7 +90,7 @@ def tuned_predict_params(params: PredictParams, thresholds_path: str | Path | No
         values = {key: float(stored[key]) for key in TUNED_KEYS}
         if PER_CLASS_KEY in stored:  # a file written before per-class tuning keeps the params' own
             values["class_score_thresholds"] = _per_class(
-                stored[PER_CLASS_KEY], values["label_score_threshold"]
+                stored[PER_CLASS_KEY], values["label_score_threshold"], num_classes
             )
     except (KeyError, TypeError, ValueError) as err:
         raise _not_a_thresholds_file(path, err) from None

@@ -12,11 +12,24 @@ from typing import Protocol
 
 import numpy as np
 
-from cellseg import CLASS_NAMES
+from cellseg import DEFAULT_CLASSES
 from cellseg.instances import Instances
 
 CLASS_COLOURS = {1: (230, 25, 75), 2: (60, 180, 75), 3: (0, 130, 200), 4: (245, 130, 48)}
-"""One colour per class (RGB), in every picture and in QuPath's classification."""
+"""The colours (RGB) of classes 1..4, in every picture and in QuPath's classification; :func:`class_colour`
+gives every class's."""
+TAB20 = (
+    (31, 119, 180), (174, 199, 232), (255, 127, 14), (255, 187, 120), (44, 160, 44),
+    (152, 223, 138), (214, 39, 40), (255, 152, 150), (148, 103, 189), (197, 176, 213),
+    (140, 86, 75), (196, 156, 148), (227, 119, 194), (247, 182, 210), (127, 127, 127),
+    (199, 199, 199), (188, 189, 34), (219, 219, 141), (23, 190, 207), (158, 218, 229),
+)  # fmt: skip
+"""matplotlib's tab20 palette (RGB), in order: the colours of classes 5, 6, … (cycling)."""
+
+
+def class_colour(k: int) -> tuple[int, int, int]:
+    """The colour (RGB) of class ``k`` (1-based): :data:`CLASS_COLOURS` for 1..4, then :data:`TAB20`, cycling."""
+    return CLASS_COLOURS[k] if k in CLASS_COLOURS else TAB20[(k - len(CLASS_COLOURS) - 1) % len(TAB20)]
 
 
 @dataclass(frozen=True)
@@ -28,7 +41,7 @@ class SinkContext:
     mpp: float | None = None  # µm per output pixel
     height: int = 0  # output pixels (level 0 of a slide); formats that need the extent (label images)
     width: int = 0
-    class_names: tuple[str, ...] = CLASS_NAMES
+    class_names: tuple[str, ...] = DEFAULT_CLASSES  # the model's (ModelBundle.class_names), class 1 first
 
 
 @dataclass

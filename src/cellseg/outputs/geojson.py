@@ -12,7 +12,7 @@ import gzip
 import json
 import uuid
 
-from cellseg.outputs.base import CLASS_COLOURS, Nuclei, SinkContext, TempOutput
+from cellseg.outputs.base import Nuclei, SinkContext, TempOutput, class_colour
 
 _NAMESPACE = uuid.UUID("6f1c7f3e-8d1a-4c55-9a53-3a4f0c1e2b77")
 
@@ -48,7 +48,7 @@ class GeoJsonSink:
                     "name": f"nucleus {nucleus_id}",
                     "classification": {
                         "name": self.context.class_names[label - 1],
-                        "color": list(CLASS_COLOURS[label]),
+                        "color": list(class_colour(label)),
                     },
                     "measurements": {
                         "id": nucleus_id,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cellseg.data.io import CLASS_FILES, write_label_tif
+from cellseg.data.io import class_file, write_label_tif
 from cellseg.fsutil import atomic_dir
 from cellseg.instances import Instances
 from cellseg.outputs.base import Nuclei, SinkContext
@@ -44,7 +44,7 @@ class LabelTifSink:
         maps = class_label_maps(nuclei.instances)
         with atomic_dir(self.folder / nuclei.image) as tmp:
             for k, labels in maps.items():
-                write_label_tif(tmp / CLASS_FILES[k - 1], labels)
+                write_label_tif(tmp / class_file(k), labels)
         self.written[nuclei.image] = maps
 
     def close(self) -> None:

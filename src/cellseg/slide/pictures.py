@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from cellseg.outputs.base import CLASS_COLOURS
+from cellseg.outputs.base import class_colour
 
 
 def draw_outline(image: np.ndarray, polygon, label: int, scale_y: float, scale_x: float) -> None:
@@ -18,9 +18,9 @@ def draw_outline(image: np.ndarray, polygon, label: int, scale_y: float, scale_x
     if len(np.unique(points, axis=0)) <= 2:
         cx, cy = points.mean(axis=0).round().astype(int)
         if 0 <= cy < image.shape[0] and 0 <= cx < image.shape[1]:
-            image[cy, cx] = CLASS_COLOURS[label]
+            image[cy, cx] = class_colour(label)
         return
-    cv2.polylines(image, [points[:, None, :]], True, CLASS_COLOURS[label], 1, lineType=cv2.LINE_8)
+    cv2.polylines(image, [points[:, None, :]], True, class_colour(label), 1, lineType=cv2.LINE_8)
 
 
 def write_picture(path: Path, pixels: np.ndarray) -> None:

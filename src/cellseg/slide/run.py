@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cellseg import CLASS_NAMES
+from cellseg import DEFAULT_CLASSES
 from cellseg.fsutil import atomic_dir, save_npz, write_json
 from cellseg.nuclei import NucleusRule
 from cellseg.outputs import Nuclei, SinkContext, open_sinks
@@ -74,7 +74,9 @@ class SlideRequest:
     scheduler: str | None = None
     device: str = "cpu"
     record: dict | None = None
-    class_names: tuple[str, ...] = CLASS_NAMES
+    class_names: tuple[str, ...] = (
+        DEFAULT_CLASSES  # the model's classes: `cellseg slide` passes ModelBundle's
+    )
 
     @property
     def stem(self) -> str:

@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from cellseg import MAP_NAMES, CellsegError
-from cellseg.data.dataset import CellDataset, build_augmentation, collate
+from cellseg.data.dataset import CellDataset, build_augmentation, collate, npz_memmaps
 from cellseg.data.io import load_npz, visible_files
-from cellseg.data.sampling import RepeatFactorSampler, classes_present, repeat_factors
+from cellseg.data.sampling import RepeatFactorSampler, check_label_rows, classes_present, repeat_factors
 from cellseg.device import select_device
 from cellseg.eval.score_model import nuclei_scores, score_files
 from cellseg.fsutil import write_json
@@ -86,11 +86,17 @@ def seed_everything(seed: int) -> None:
 
 def check_inputs(params: Params, paths: TrainPaths) -> None:
     """Fail early, with the reason, before any expensive work."""
-    if not visible_files(paths.prepared / "train", (".npz",)):
+    train_files = visible_files(paths.prepared / "train", (".npz",))
+    if not train_files:
         raise ParamsError(
             f"{paths.prepared / 'train'}: the training split is empty (run the prepare stage; "
             "check data.raw_dir and data.val_fraction)"
         )
+    for files in (train_files[:1], visible_files(paths.prepared / "val", (".npz",))[:1]):
+        for path in files:  # prepared with other `classes`: stale
+            labels = npz_memmaps(path).get("labels")
+            if labels is not None:  # no labels: the dataset says so
+                check_label_rows(path, labels, len(params.classes))
     if params.aux.enabled and not (paths.maps / "train").is_dir():
         raise ParamsError(f"{paths.maps / 'train'}: missing; aux.enabled needs the maps stage's output")
     for folder in (paths.models, paths.live):
@@ -246,6 +252,7 @@ def _evaluate_epoch(model: CellMaskRCNN, paths: TrainPaths, params: Params, devi
                 lambda image: detect_and_select(model, image, params.predict, device),
                 files,
                 params.predict.max_per_image,
+                len(params.classes),
                 desc=f"eval {name}",
             )
             results.update({f"{name}/map": scored.metrics["map"], f"{name}/map_50": scored.metrics["map_50"]})
@@ -337,7 +344,7 @@ def _train(params: Params, paths: TrainPaths, device: torch.device, info: DistIn
     stage_start = time.perf_counter()
     seed_everything(tp.seed + info.rank)
     run_on_main(lambda: download_pretrained(params.model), info)  # one download, not one per rank
-    model = for_training(build_model(params.model, params.aux), device)
+    model = for_training(build_model(params.model, params.aux, len(params.classes)), device)
     if tp.sync_bn and info.enabled and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # fused: one kernel over all parameters (about 3x faster than the per-tensor loop on a CPU).
@@ -421,7 +428,7 @@ def _train(params: Params, paths: TrainPaths, device: torch.device, info: DistIn
     workers = resolve_workers(tp.workers, device)
     # The shuffle order is a function of (seed, epoch) alone, so a resumed run sees the same batches.
     if tp.repeat_threshold > 0:
-        factors = repeat_factors(classes_present(dataset.files), tp.repeat_threshold)
+        factors = repeat_factors(classes_present(dataset.files, len(params.classes)), tp.repeat_threshold)
         sampler = RepeatFactorSampler(factors, info.world_size, info.rank, seed=tp.seed)
     else:
         sampler = DistributedSampler(dataset, info.world_size, info.rank, shuffle=True, seed=tp.seed)
