@@ -26,7 +26,9 @@ def main() -> None:
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / 5
     if rank == 0:
-        print(f"nccl smoke test: {world} processes, all_reduce correct; 256 MB all_reduce {seconds * 1e3:.1f} ms")
+        print(
+            f"nccl smoke test: {world} processes, all_reduce correct; 256 MB all_reduce {seconds * 1e3:.1f} ms"
+        )
     dist.destroy_process_group()
 
 

@@ -53,7 +53,9 @@ def main() -> None:
         fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
         minutes = sorted({r[0] for r in rows})
         for key, label in (("pq", "PQ"), ("mpq_plus", "mPQ⁺"), ("ap50_at_100", "AP50@100")):
-            means = [sum(r[4][key] for r in rows if r[0] == m) / sum(r[0] == m for r in rows) for m in minutes]
+            means = [
+                sum(r[4][key] for r in rows if r[0] == m) / sum(r[0] == m for r in rows) for m in minutes
+            ]
             ax.plot(minutes, means, marker="o", label=label)
             ax.scatter([r[0] for r in rows], [r[4][key] for r in rows], s=8, color="grey")
         ax.set_xlabel("budget of the whole run (minutes)")

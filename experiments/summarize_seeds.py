@@ -15,7 +15,18 @@ import statistics
 import sys
 from pathlib import Path
 
-FIGURES = ("ap50_at_100", "ap", "pq", "mpq_plus", "aji", "f1", "pq_class1", "pq_class2", "pq_class3", "pq_class4")
+FIGURES = (
+    "ap50_at_100",
+    "ap",
+    "pq",
+    "mpq_plus",
+    "aji",
+    "f1",
+    "pq_class1",
+    "pq_class2",
+    "pq_class3",
+    "pq_class4",
+)
 
 
 def main(folder: Path) -> None:

@@ -63,8 +63,19 @@ def test_score_gives_the_module_figures(truth: dict) -> None:  # noqa: F811
     truth, mapping = truth["dir"], truth["mapping"]
     via_cli = _cellseg("score", str(results), str(truth), str(mapping), "--json")
     via_module = subprocess.run(
-        [sys.executable, "-m", "cellseg.eval.score_results", str(results), str(truth), str(mapping), "--json"],
-        capture_output=True, text=True, timeout=300, env={**os.environ},
+        [
+            sys.executable,
+            "-m",
+            "cellseg.eval.score_results",
+            str(results),
+            str(truth),
+            str(mapping),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ},
     )
     assert via_cli.returncode == 0, via_cli.stderr
     assert json.loads(via_cli.stdout) == json.loads(via_module.stdout)

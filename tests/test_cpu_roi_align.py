@@ -23,7 +23,9 @@ def _case(seed: int, n: int = 3, c: int = 8, h: int = 24, w: int = 20, k: int = 
     return features, torch.cat([image[:, None], xy, xy + wh], dim=1)
 
 
-@pytest.mark.parametrize(("size", "scale", "ratio"), [((7, 7), 0.25, 2), ((14, 14), 0.125, 2), ((5, 3), 0.5, 3)])
+@pytest.mark.parametrize(
+    ("size", "scale", "ratio"), [((7, 7), 0.25, 2), ((14, 14), 0.125, 2), ((5, 3), 0.5, 3)]
+)
 def test_values_and_gradients_match_torchvision(size, scale, ratio) -> None:
     features, rois = _case(seed=sum(size))
     ours_in = features.clone().requires_grad_()
@@ -71,7 +73,10 @@ def test_mask_rcnn_poolers_give_the_same_result_through_the_gather_under_bf16_au
 
     g = torch.Generator().manual_seed(0)
     levels = OrderedDict((str(i), torch.randn(2, 8, 64 >> i, 64 >> i, generator=g)) for i in range(4))
-    boxes = [torch.tensor([[10.0, 12.0, 40.0, 30.0], [100.0, 90.0, 180.0, 200.0]]), torch.tensor([[0.0, 0.0, 255.0, 255.0]])]
+    boxes = [
+        torch.tensor([[10.0, 12.0, 40.0, 30.0], [100.0, 90.0, 180.0, 200.0]]),
+        torch.tensor([[0.0, 0.0, 255.0, 255.0]]),
+    ]
     pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
     sizes = [(256, 256), (256, 256)]
     plain = pool(levels, boxes, sizes)  # contiguous features: torchvision's kernel

@@ -99,14 +99,24 @@ def test_a_folder_dep_counts_every_module_under_it() -> None:
 def test_training_does_not_run_inference_or_evaluation_code() -> None:
     """Editing post-processing, the tune stage or the exports must never retrain the model."""
     code = stage_code(ROOT / "stages" / "train.py")
-    for module in ("infer/postproc.py", "infer/predict.py", "model/thresholds.py", "eval/tune.py", "eval/report.py"):
+    for module in (
+        "infer/postproc.py",
+        "infer/predict.py",
+        "model/thresholds.py",
+        "eval/tune.py",
+        "eval/report.py",
+    ):
         assert f"src/cellseg/{module}" not in code
 
 
 def test_the_derivation_follows_imports_transitively() -> None:
     code = stage_code(ROOT / "stages" / "train.py")
     assert {"src/cellseg/__init__.py", "src/cellseg/entry.py", "src/cellseg/params.py"} <= code  # direct
-    assert {"src/cellseg/model/maskrcnn.py", "src/cellseg/data/io.py", "src/cellseg/fsutil.py"} <= code  # through train.py
+    assert {
+        "src/cellseg/model/maskrcnn.py",
+        "src/cellseg/data/io.py",
+        "src/cellseg/fsutil.py",
+    } <= code  # through train.py
 
 
 @pytest.mark.parametrize("name", ["maps", "train"])

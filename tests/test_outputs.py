@@ -22,7 +22,12 @@ def _batch(scale: float = 2.0, first_id: int = 1) -> Nuclei:
     plus = np.zeros((5, 5), bool)
     plus[2, :] = plus[:, 2] = True
     inst = Instances(
-        40, 50, np.array([2, 3]), np.array([0.91, 0.55], np.float32), np.array([[3, 4], [20, 30]]), [rect, plus]
+        40,
+        50,
+        np.array([2, 3]),
+        np.array([0.91, 0.55], np.float32),
+        np.array([[3, 4], [20, 30]]),
+        [rect, plus],
     )
     return Nuclei(inst, np.array([first_id, first_id + 1]), scale=scale, image="img", image_id=7)
 
@@ -54,7 +59,11 @@ def test_geojson_csv_and_parquet_describe_the_same_nuclei(tmp_path: Path) -> Non
         features = json.load(f)["features"]
     rows = list(csv.DictReader(open(tmp_path / "nuclei.csv")))
     table = pq.read_table(tmp_path / "nuclei.parquet").to_pydict()
-    assert [f["properties"]["measurements"]["id"] for f in features] == [int(r["id"]) for r in rows] == table["id"]
+    assert (
+        [f["properties"]["measurements"]["id"] for f in features]
+        == [int(r["id"]) for r in rows]
+        == table["id"]
+    )
     assert [r["class"] for r in rows] == table["class"] == ["class2", "class3"]
     rect = shape(features[0]["geometry"])  # 4×6 model px at 2 level-0 px each, from (x 8, y 6)
     assert rect.is_valid and rect.bounds == pytest.approx((8, 6, 20, 14), abs=0.6)
