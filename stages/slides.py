@@ -14,8 +14,7 @@ from cellseg import CellsegError
 from cellseg.data.io import visible_files
 from cellseg.entry import run
 from cellseg.slide import command
-
-SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".png", ".jpg", ".jpeg")
+from cellseg.slide.reader import SLIDE_SUFFIXES
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,9 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.slides_dir.is_dir():
         raise CellsegError(f"{args.slides_dir}: not a folder of slides (set slide.input_dir in params.yaml)")
-    slides = visible_files(args.slides_dir, SUFFIXES)
+    slides = visible_files(args.slides_dir, SLIDE_SUFFIXES)
     if not slides:
-        raise CellsegError(f"{args.slides_dir}: no slides ({', '.join(SUFFIXES)})")
+        raise CellsegError(f"{args.slides_dir}: no slides ({', '.join(SLIDE_SUFFIXES)})")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     command.main(
         [args.checkpoint, *map(str, slides), "--out", str(args.out_dir), "--no-progress"], prog="slides"

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 import cellseg.bench.maps as bench_maps
 import cellseg.bench.prepare as bench_prepare
-from cellseg.bench.runner import BENCHMARKS
+from cellseg.bench.runner import BENCHMARKS, module_of
 
 
 def test_prepare_falls_back_to_a_demo_sample(monkeypatch, tmp_path: Path, capsys) -> None:
@@ -28,4 +30,14 @@ def test_every_benchmark_module_exists_and_has_a_main() -> None:
     import importlib
 
     for name in BENCHMARKS:
-        assert callable(importlib.import_module(f"cellseg.bench.{name}").main), name
+        assert callable(importlib.import_module(module_of(name)).main), name
+
+
+@pytest.mark.slow
+def test_the_import_benchmark_runs_and_reports_its_ratio(capsys) -> None:
+    import cellseg.bench.importer as bench_import
+
+    bench_import.main(["--nuclei", "300", "1200"])
+    out = capsys.readouterr().out
+    assert "1200 nuclei" in out and "written in" in out and "nuclei/s" in out
+    assert "peak RSS 1200 / 300 nuclei = " in out.splitlines()[-1]

@@ -81,7 +81,10 @@ def test_a_slowed_step_gets_fewer_steps_and_the_budget_holds(tiny_project, tmp_p
     budget = summary["budget"]
     plan = budget["plan"]
     assert plan["step_seconds"] > 0.15 and plan["isa"] and plan["planned_steps"] > plan["warmup_steps"]
-    assert budget["achieved_steps"] == plan["planned_steps"] and not budget["stopped_at_deadline"]
+    # the warm-up's steps run a few percent faster than later ones (measured: 3-15%), and a 1-minute budget
+    # keeps only 1.2 s in reserve: the deadline may take the plan's last step or two, never more
+    short = plan["planned_steps"] - budget["achieved_steps"]
+    assert 0 <= short <= max(2, 0.03 * plan["planned_steps"]) and budget["stopped_at_deadline"] == (short > 0)
     assert wall <= budget_min * 60 + plan["val_seconds"] + 2  # within the budget plus one evaluation
     assert wall >= 0.7 * budget_min * 60  # and it used the budget
     saved = json.loads((tmp_path / "a" / "models" / "summary.json").read_text())
@@ -114,7 +117,9 @@ def test_a_machine_that_slows_down_mid_run_stops_at_the_deadline(tiny_project, t
 
 
 @pytest.mark.slow
-def test_a_resumed_budget_run_keeps_its_plan_and_is_bit_identical(tiny_project, tmp_path, monkeypatch) -> None:
+def test_a_resumed_budget_run_keeps_its_plan_and_is_bit_identical(
+    tiny_project, tmp_path, monkeypatch
+) -> None:
     """The plan comes from the checkpoint, not from a new measurement: the same steps, the same schedule."""
     fixed = []
     real_plan = train_module.make_plan
@@ -158,5 +163,7 @@ def test_a_budget_cannot_resume_an_epoch_count_run(tiny_project, tmp_path) -> No
 
     paths = _paths(tiny_project, tmp_path / "c")
     train(tiny_params(), paths)
-    with pytest.raises(ParamsError, match="without a time budget; resume with the same train.time_budget_min"):
+    with pytest.raises(
+        ParamsError, match="without a time budget; resume with the same train.time_budget_min"
+    ):
         train(tiny_params(train__time_budget_min=1, train__resume=True), paths)

@@ -11,12 +11,14 @@ SRC = ROOT / "src" / "cellseg"
 LAYERS = {
     "": 0,  # the top-level modules: names, params, instances, the nuclei rule, provenance ...
     "data": 1,
+    "annotations": 1,
     "model": 2,
     "outputs": 2,
     "infer": 3,
     "eval": 4,
     "slide": 4,
     "train": 5,
+    "importer": 5,
     "bench": 6,
 }
 """Each sub-package's level: a module may import its own package and lower levels (same-level siblings neither:

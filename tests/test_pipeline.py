@@ -57,7 +57,17 @@ def repo(tmp_path_factory) -> Path:
     _run(repo, "git", "add", "-A")
     _run(repo, "git", "commit", "-qm", "tiny project")
     repro = _run(repo, "dvc", "repro", env={TRACE_ENV: str(repo.parent / f"{repo.name}-params-read")})
-    for stage in ("synth", "prepare", "maps", "train", "tune", "evaluate", "submit"):
+    for stage in (
+        "synth",
+        "prepare",
+        "maps",
+        "train",
+        "tune",
+        "evaluate",
+        "submit",
+        "synth_slides",
+        "import",
+    ):
         assert f"Running stage '{stage}'" in repro
     _run(repo, "git", "add", "-A")
     _run(repo, "git", "commit", "-qm", "baseline run")
@@ -139,10 +149,12 @@ def test_plots_diff_overlays_both_runs_curves(repo: Path) -> None:
 
 
 def _params_listed(stage: dict, params: dict) -> set[str]:
-    """The keys a dvc.yaml stage lists: ``section.key`` as it is, a whole ``section`` as each of its keys."""
+    """The keys a dvc.yaml stage lists: ``section.key`` and a top-level value (``classes``) as they are, a whole
+    ``section`` as each of its keys."""
     keys = set()
     for entry in stage.get("params", []):
-        keys |= {f"{entry}.{k}" for k in params[entry]} if "." not in entry else {entry}
+        whole_section = "." not in entry and isinstance(params[entry], dict)
+        keys |= {f"{entry}.{k}" for k in params[entry]} if whole_section else {entry}
     return keys
 
 
@@ -161,6 +173,9 @@ UNSEEN_IN_THE_TRACED_RUN = {
     },
     "evaluate": {"postproc.recover_class": "read only for a recovered cell with no detection to vote"},
     "submit": {"postproc.recover_class": "read only for a recovered cell with no detection to vote"},
+    "import": {
+        "import.input_dir": "read by DVC itself: ${import.input_dir} in the stage's cmd and deps",
+    },
     "slides": {
         "slide.input_dir": "read by DVC itself: ${slide.input_dir} in the stage's cmd and deps",
         "slide.retries": "read only with a Dask cluster (--workers > 1 or --scheduler)",
@@ -181,7 +196,9 @@ def test_each_stage_lists_exactly_the_params_it_reads(repo: Path) -> None:
         script = Path(stage["cmd"].split()[1]).stem
         read = set(json.loads((traces / f"{script}.json").read_text()))
         unseen = set(UNSEEN_IN_THE_TRACED_RUN.get(name, {}))
-        assert not read & unseen, f"{name} read {sorted(read & unseen)}: drop them from UNSEEN_IN_THE_TRACED_RUN"
+        assert not read & unseen, (
+            f"{name} read {sorted(read & unseen)}: drop them from UNSEEN_IN_THE_TRACED_RUN"
+        )
         read |= unseen
         listed = _params_listed(stage, params)
         if read - listed:
@@ -198,8 +215,8 @@ def _reruns(repo: Path, *overrides: str) -> set[str]:
         params = yaml.safe_load(original)
         for override in overrides:
             dotted, value = override.split("=", 1)
-            section, key = dotted.split(".")
-            params[section][key] = yaml.safe_load(value)
+            *section, key = dotted.split(".")
+            (params[section[0]] if section else params)[key] = yaml.safe_load(value)
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         return set(json.loads(_run(repo, "dvc", "status", "--json")))
     finally:
@@ -214,10 +231,17 @@ def _reruns(repo: Path, *overrides: str) -> set[str]:
         (("predict.device=cpu",), {"tune", "evaluate", "submit", "slides"}),
         (("evaluate.n_overlays=2",), {"evaluate"}),
         (("aux.w_boundary=0.3",), {"train"}),  # 0.2 is the workspace's since the experiment test
-        (("predict.tile_overlap=16",), {"train", "tune", "evaluate", "submit", "slides"}),  # validation tiles too
+        (
+            ("predict.tile_overlap=16",),
+            {"train", "tune", "evaluate", "submit", "slides"},
+        ),  # validation tiles too
+        # the stages that read `classes`; the rest take them from the checkpoint
+        (("classes=[tumour, lymphocyte, stroma, other]",), {"import", "prepare", "train"}),
     ],
 )
-def test_a_param_change_reruns_only_the_stages_that_read_it(repo: Path, overrides: tuple, expected: set) -> None:
+def test_a_param_change_reruns_only_the_stages_that_read_it(
+    repo: Path, overrides: tuple, expected: set
+) -> None:
     assert _reruns(repo, *overrides) == expected
 
 
@@ -239,3 +263,52 @@ def test_a_postproc_switch_reruns_tune_evaluate_and_submit_only(repo: Path) -> N
         assert f"Running stage '{stage}'" in output
     for stage in ("synth", "prepare", "maps", "train"):
         assert f"Running stage '{stage}'" not in output
+
+
+def test_the_loop_predict_correct_import_retrain_compare(repo: Path) -> None:
+    """Issue 27's loop on the tiny model: `cellseg slide` → its GeoJSON corrected (nuclei removed, one
+    reclassified) → `cellseg import` → `dvc exp run` from the model on the corrections → `dvc exp show`."""
+    from cellseg.data.io import list_train_samples, read_train_sample
+
+    _run(repo, "cellseg", "slide", "models/best.pt", "data/demo_slides/demo_slide.tif", "--out", "loop/predicted",
+         "--no-progress")  # fmt: skip
+    features = json.loads((repo / "loop/predicted/demo_slide/nuclei.geojson").read_text())["features"]
+    assert len(features) >= 10
+    corrected = features[3:]  # three false nuclei deleted in QuPath
+    name = corrected[0]["properties"]["classification"]["name"]
+    other = "class3" if name != "class3" else "class1"
+    corrected[0]["properties"]["classification"]["name"] = other  # and one reclassified
+    folder = repo / "loop" / "corrected"
+    folder.mkdir()
+    shutil.copy(repo / "data/demo_slides/demo_slide.tif", folder / "demo_slide.tif")
+    (folder / "demo_slide.geojson").write_text(
+        json.dumps({"type": "FeatureCollection", "features": corrected})
+    )
+
+    out = _run(
+        repo, "cellseg", "import", "loop/corrected/demo_slide.tif", "--out", "loop/raw", "--no-progress"
+    )
+    assert f"{len(corrected)} of {len(corrected)} nuclei" in out
+    record = json.loads((repo / "loop/raw/import.json").read_text())
+    assert {s["annotation"] for s in record["samples"]} == {"loop/corrected/demo_slide.geojson"}
+    # the reclassified nucleus is in its new class where its centre lies
+    from shapely.geometry import shape
+
+    x, y = shape(corrected[0]["geometry"]).representative_point().coords[0]
+    k = int(other[-1]) - 1
+    found = False
+    samples = {s.name: s for s in list_train_samples(repo / "loop/raw", 4)}
+    for s in record["samples"]:
+        if s["x0"] <= x < s["x0"] + s["width"] and s["y0"] <= y < s["y0"] + s["height"]:
+            _, labels = read_train_sample(samples[s["sample"]])
+            found = labels[k][int(y - s["y0"]), int(x - s["x0"])] > 0
+    assert found
+
+    # up to evaluate: an import has no test side for submit
+    run = _run(repo, "dvc", "exp", "run", "-n", "corrected", "-S", "data.raw_dir=loop/raw",
+               "-S", "model.pretrained=models/best.pt", "evaluate")  # fmt: skip
+    for stage in ("prepare", "maps", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in run
+    assert "model.pretrained=models/best.pt: " in run and "tensors loaded" in run
+    table = _run(repo, "dvc", "exp", "show", "--no-pager", "--md")
+    assert "corrected" in table and "loop/raw" in table and "pq" in table

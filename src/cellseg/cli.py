@@ -14,9 +14,19 @@ from cellseg import __version__
 from cellseg.entry import run
 
 VERBS = {
-    "score": ("cellseg.eval.score_results", "score a COCO results file or submission.zip against a truth folder"),
+    "score": (
+        "cellseg.eval.score_results",
+        "score a COCO results file or submission.zip against a truth folder",
+    ),
     "predict": ("cellseg.infer.folder", "predict a folder of images into per-class instance label maps"),
-    "slide": ("cellseg.slide.command", "predict whole slides into QuPath GeoJSON, a nuclei table and pictures"),
+    "slide": (
+        "cellseg.slide.command",
+        "predict whole slides into QuPath GeoJSON, a nuclei table and pictures",
+    ),
+    "import": (
+        "cellseg.importer.command",
+        "import images or slides with QuPath/ImageScope annotations for training",
+    ),
     "bench": ("cellseg.bench.runner", "run the benchmarks (all, or those named); each prints its ratio last"),
 }
 """verb -> (module with ``main(argv, prog)``, one line of help)."""

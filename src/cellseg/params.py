@@ -18,19 +18,21 @@ import re
 import sys
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from cellseg import NUM_CLASSES, CellsegError
+from cellseg import CellsegError
 
 STAIN_METHODS = ("random_preset", "macenko", "vahadane")
 PRECISIONS = ("fp32", "fp16", "bf16")
 ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn_lite")
 BOUNDARY_DOWNSAMPLING = ("nearest", "area", "max")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+MAX_CLASSES = 50
+RESERVED_CLASS_NAMES = ("background",)  # the model's class 0 and the confusion matrix's "no instance"
 
 
 class ParamsError(CellsegError, ValueError):
@@ -104,7 +106,7 @@ def replace(section: Any, **changes: Any) -> Any:
     """``dataclasses.replace`` for params (a copy is not a read of the keys it copies)."""
     with _untraced():
         copy = dataclasses.replace(section, **changes)
-        if isinstance(section, _Section) and section._from_file:
+        if isinstance(section, _Section | Params) and section._from_file:
             object.__setattr__(copy, "_from_file", True)
         return copy
 
@@ -344,10 +346,9 @@ class PredictParams(_Section):
         _check(self.tta_views in (1, 2, 4), "predict.tta_views must be 1 (off), 2 or 4 (flips)")
         _check(0.0 <= self.label_score_threshold < 1.0, "predict.label_score_threshold must be in [0, 1)")
         _check(
-            len(self.class_score_thresholds) in (0, NUM_CLASSES)
-            and all(0.0 <= v < 1.0 for v in self.class_score_thresholds),
-            f"predict.class_score_thresholds must be [] or {NUM_CLASSES} values in [0, 1) (class 1 first)",
-        )
+            all(0.0 <= v < 1.0 for v in self.class_score_thresholds),
+            "predict.class_score_thresholds values must be in [0, 1) (class 1 first)",
+        )  # their number, [] or one per class of `classes`: Params checks it
         _check(0.0 <= self.min_kept_fraction <= 1.0, "predict.min_kept_fraction must be in [0, 1]")
         _check(self.device in DEVICES, f"predict.device must be one of {', '.join(DEVICES)}")
 
@@ -390,7 +391,7 @@ class PostprocParams(_Section):
         _check(self.min_area >= 1, "postproc.min_area must be >= 1 (px)")
         _check(self.recover_radius >= 1, "postproc.recover_radius must be >= 1 (px)")
         _check(self.recover_neighbours >= 0, "postproc.recover_neighbours must be >= 0 (0: no vote)")
-        _check(1 <= self.recover_class <= NUM_CLASSES, f"postproc.recover_class must be in 1..{NUM_CLASSES}")
+        _check(self.recover_class >= 1, "postproc.recover_class must be >= 1 (a class of `classes`)")
         _check(0.0 < self.recover_score <= 1.0, "postproc.recover_score must be in (0, 1]")
         _check(0.0 <= self.rescore_weight <= 1.0, "postproc.rescore_weight must be in [0, 1]")
 
@@ -472,11 +473,36 @@ class SlideParams(_Section):
         _check(self.retries >= 0, "slide.retries must be >= 0")
 
 
+UNKNOWN_CLASS_POLICIES = ("error", "skip")
+
+
+@dataclass(frozen=True)
+class ImportParams(_Section):
+    """``cellseg import`` and the import stage: annotated images and slides into the raw training layout."""
+
+    input_dir: str
+    tile_size: int
+    region_classes: list[str]
+    class_map: dict[str, str]
+    default_class: str
+    unknown_classes: str
+    max_region_mpx: float
+
+    def __post_init__(self) -> None:
+        _check(self.tile_size >= 32, "import.tile_size must be >= 32 (pixels at data.mpp)")
+        _check(
+            self.unknown_classes in UNKNOWN_CLASS_POLICIES,
+            f"import.unknown_classes must be one of {', '.join(UNKNOWN_CLASS_POLICIES)}",
+        )
+        _check(self.max_region_mpx > 0, "import.max_region_mpx must be > 0")
+
+
 @dataclass(frozen=True)
 class Params:
     """Everything in ``params.yaml``."""
 
     data: DataParams
+    classes: list[str]  # the class names in order: class k of the label files and the model is classes[k-1]
     synth: SynthParams
     maps: MapsParams
     model: ModelParams
@@ -488,8 +514,20 @@ class Params:
     tune: TuneParams
     evaluate: EvaluateParams
     slide: SlideParams
+    import_: ImportParams = field(metadata={"key": "import"})  # `import` is a Python keyword
 
     def __post_init__(self) -> None:
+        check_classes(self.classes)
+        n = len(self.classes)
+        _check(
+            len(self.predict.class_score_thresholds) in (0, n),
+            f"predict.class_score_thresholds must be [] or {n} values, one per name of `classes` (class 1 "
+            f"first); got {len(self.predict.class_score_thresholds)}",
+        )
+        _check(
+            self.postproc.recover_class <= n,
+            f"postproc.recover_class must be in 1..{n} (`classes` has {n} names); got {self.postproc.recover_class}",
+        )
         _check(
             min(self.tune.score_grid) >= self.predict.score_threshold,
             "tune.score_grid values must be >= predict.score_threshold (lower-scored detections are not kept)",
@@ -500,9 +538,40 @@ class Params:
             f"({self.model.box_score_thresh}), which the model applies first: lower model.box_score_thresh too",
         )
 
+    _from_file = False  # (not a field) set by load_params: reads of the top-level values are then traced
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in _TOP_LEVEL_VALUES and _tracing[0] and not _quiet[0]:
+            if object.__getattribute__(self, "_from_file"):
+                _reads.add(_TOP_LEVEL_VALUES[name])
+        return object.__getattribute__(self, name)
+
     def to_dict(self) -> dict[str, Any]:
         with _untraced():
-            return dataclasses.asdict(self)
+            values = dataclasses.asdict(self)
+            return {_key(f): values[f.name] for f in dataclasses.fields(self)}
+
+
+def check_classes(names: Any, where: str = "classes") -> tuple[str, ...]:
+    """The class names of ``classes`` (params.yaml, or a checkpoint's), checked: 1 to :data:`MAX_CLASSES`
+    unique, non-empty names without surrounding whitespace or control characters."""
+    _check(
+        isinstance(names, list | tuple) and all(isinstance(n, str) for n in names),
+        f"{where} must be a list of class names, got {names!r:.80}",
+    )
+    _check(1 <= len(names) <= MAX_CLASSES, f"{where} must name 1 to {MAX_CLASSES} classes; got {len(names)}")
+    for name in names:
+        _check(
+            bool(name) and name == name.strip() and name.isprintable(),
+            f"{where}: {name!r} is not a class name (non-empty, no surrounding spaces, no control characters)",
+        )
+        _check(
+            name.lower() not in RESERVED_CLASS_NAMES,
+            f"{where}: {name!r} is reserved (the model's background class); name the class otherwise",
+        )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    _check(not repeated, f"{where}: repeated name(s) {', '.join(repeated)}; each class needs its own name")
+    return tuple(names)
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
@@ -540,24 +609,29 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise ParamsError(f"{where or 'top level'} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    fields = {_key(f): f.name for f in dataclasses.fields(cls)}  # params.yaml key -> attribute
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ParamsError(f"unknown key(s) {', '.join(_join(where, k) for k in unknown)}")
-    missing = [n for n in names if n not in data]
+    missing = [k for k in fields if k not in data]
     if missing:
         raise ParamsError(f"missing key(s) {', '.join(_join(where, k) for k in missing)}")
     kwargs = {}
-    for name in names:
-        key, kind = _join(where, name), hints[name]
+    for yaml_key, name in fields.items():
+        key, kind = _join(where, yaml_key), hints[name]
         if dataclasses.is_dataclass(kind):
-            kwargs[name] = _from_dict(kind, data[name], key)
+            kwargs[name] = _from_dict(kind, data[yaml_key], key)
         else:
-            kwargs[name] = _coerce(data[name], kind, key)
+            kwargs[name] = _coerce(data[yaml_key], kind, key)
     section = cls(**kwargs)
-    if issubclass(cls, _Section):
+    if issubclass(cls, _Section) or cls is Params:
         object.__setattr__(section, "_from_file", True)
     return section
+
+
+def _key(f: dataclasses.Field) -> str:
+    """A field's key in params.yaml: its name, or ``metadata["key"]`` where the name cannot be (``import``)."""
+    return f.metadata.get("key", f.name)
 
 
 def _join(where: str, key: str) -> str:
@@ -572,6 +646,13 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ParamsError(f"{key} must be a list, got {value!r}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_kind, item = typing.get_args(kind)
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ParamsError(f"{key} must be a mapping, got {value!r}")
+        return {_coerce(k, key_kind, f"{key} key"): _coerce(v, item, f"{key}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"unsupported union type for {key}")
     if kind is bool:
@@ -592,5 +673,11 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
     return value
 
 
+_TOP_LEVEL_VALUES: dict[str, str] = {}
+"""Params' fields that are values, not sections (``classes``): attribute -> params.yaml key, traced as a key."""
 for _field in dataclasses.fields(Params):
-    typing.get_type_hints(Params)[_field.name]._section = _field.name
+    _kind = typing.get_type_hints(Params)[_field.name]
+    if dataclasses.is_dataclass(_kind):
+        _kind._section = _key(_field)
+    else:
+        _TOP_LEVEL_VALUES[_field.name] = _key(_field)

@@ -12,8 +12,26 @@ import sys
 
 from cellseg import CellsegError
 
-BENCHMARKS = ("prepare", "maps", "metric", "aux", "tiling", "train", "postproc", "inference", "slide")
+BENCHMARKS = (
+    "prepare",
+    "maps",
+    "metric",
+    "aux",
+    "tiling",
+    "train",
+    "postproc",
+    "inference",
+    "slide",
+    "import",
+)
 """In the order ``make bench`` runs them; ``inference`` and ``slide`` need a trained model (``make demo`` first)."""
+
+MODULES = {"import": "importer"}
+"""A benchmark whose module has another name (``import`` is a Python keyword)."""
+
+
+def module_of(name: str) -> str:
+    return f"cellseg.bench.{MODULES.get(name, name)}"
 
 
 def main(argv: list[str] | None = None, prog: str = "cellseg bench") -> None:
@@ -35,7 +53,7 @@ def main(argv: list[str] | None = None, prog: str = "cellseg bench") -> None:
     failed = []
     for name in names or BENCHMARKS:
         print(f"== {prog} {name}", flush=True)
-        if subprocess.run([sys.executable, "-m", f"cellseg.bench.{name}", *argv]).returncode != 0:
+        if subprocess.run([sys.executable, "-m", module_of(name), *argv]).returncode != 0:
             failed.append(name)
     if failed:
         raise CellsegError(f"benchmark(s) failed: {', '.join(failed)}")

@@ -31,6 +31,8 @@ import numpy as np
 from cellseg import CellsegError
 
 PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", *PLAIN_IMAGE_SUFFIXES)
+"""The files a folder of slides is read for (the TIFF-based formats tifffile opens, and plain images)."""
 MPP_RANGE = (0.01, 100.0)
 """A resolution outside this range (µm/px) is not a microscope's (e.g. a TIFF's default 72 dpi)."""
 

@@ -100,3 +100,37 @@ def tissue_mosaic(side: int, n: int, seed: int = 7, per_mpx: int = 700):
             labels[:, i * cell : (i + 1) * cell, j * cell : (j + 1) * cell] = shifted
             next_id = max(next_id, int(shifted.max()))
     return image, Instances.from_label_rows(labels)
+
+
+def write_annotation(
+    path: str | Path,
+    truth,
+    at: tuple[int, int],
+    class_names: tuple[str, ...],
+    region: tuple[float, float, float, float] | None = None,
+) -> Path:
+    """Write ``truth`` (Instances placed with their image's top-left at ``at`` = (y0, x0) on level 0) as a
+    pathologist's QuPath export: a FeatureCollection of hand-drawn ``annotation`` polygons, classified by
+    ``class_names``, plus the ``region`` (x0, y0, x1, y1) where every nucleus was drawn, of class ``Region``."""
+    import json
+    import uuid
+
+    from shapely.geometry import box, mapping
+
+    from cellseg.outputs.polygons import to_level0
+
+    def feature(geometry, name: str) -> dict:
+        return {
+            "type": "Feature",
+            "id": str(uuid.uuid4()),
+            "geometry": mapping(geometry),
+            "properties": {"objectType": "annotation", "classification": {"name": name}},
+        }
+
+    features = [] if region is None else [feature(box(*region), "Region")]
+    for crop, offset, label in zip(truth.crops, truth.offsets, truth.labels, strict=True):
+        polygon = to_level0(crop, (int(offset[0]) + at[0], int(offset[1]) + at[1]), 1.0)
+        features.append(feature(polygon, class_names[int(label) - 1]))
+    path = Path(path)
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    return path
