@@ -105,13 +105,13 @@ def read_annotation(source: Source, slide, model_mpp: float, class_map: ClassMap
             f"warning: {source.annotation}: says {reader.mpp:g} µm/px but {source.image} is {slide.mpp:g} "
             "µm/px; the image's is used (give --mpp to override)"
         )
-    if not out.nuclei:
-        if out.outside:
-            raise ImportFailure(
-                f"{source.annotation}: all {out.outside} nuclei lie outside {source.image} "
-                f"({slide.width}×{slide.height} px): is it the annotation of another image?"
-            )
-        raise ImportFailure(f"{source.annotation}: no nuclei to import (only regions, or an empty file)")
+    if not out.nuclei and out.outside:
+        raise ImportFailure(
+            f"{source.annotation}: all {out.outside} nuclei lie outside {source.image} "
+            f"({slide.width}×{slide.height} px): is it the annotation of another image?"
+        )
+    if not out.nuclei:  # an annotated area without nuclei is background to learn, not an error
+        out.warnings.append(f"warning: {source.annotation}: no nuclei; its tiles are imported as background")
     return out
 
 
