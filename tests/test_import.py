@@ -375,10 +375,14 @@ def test_the_imagescope_fixture_imports_at_the_models_resolution_as_the_challeng
     assert total >= 310 and good >= 0.97 * total, (good, total)
 
 
-def test_an_annotated_image_without_nuclei_is_background_with_a_warning(annotated_slide, tmp_path, capsys) -> None:
+def test_an_annotated_image_without_nuclei_is_background_with_a_warning(
+    annotated_slide, tmp_path, capsys
+) -> None:
     folder, _, _ = annotated_slide
     (tmp_path / "empty.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": []}))
-    code, out, err = _cli([f"{folder / 's.tif'}={tmp_path / 'empty.geojson'}", "--out", tmp_path / "raw"], capsys)
+    code, out, err = _cli(
+        [f"{folder / 's.tif'}={tmp_path / 'empty.geojson'}", "--out", tmp_path / "raw"], capsys
+    )
     assert code == 0, err
     assert "no nuclei; its tiles are imported as background" in err
     samples = list_train_samples(tmp_path / "raw", 4)
