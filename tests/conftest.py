@@ -126,3 +126,36 @@ def tiny_project(tmp_path_factory) -> dict:
         "live": root / "live",
         "params": params,
     }
+
+
+def two_nuclei(scale: float = 2.0, first_id: int = 1):
+    """A sinks' batch of two disjoint nuclei: a 4×6 rectangle (class 2) and a plus-shaped one (class 3), in model
+    pixels of a 40×50 image."""
+    from cellseg.instances import Instances
+    from cellseg.outputs import Nuclei
+
+    rect = np.ones((4, 6), bool)
+    plus = np.zeros((5, 5), bool)
+    plus[2, :] = plus[:, 2] = True
+    inst = Instances(
+        40,
+        50,
+        np.array([2, 3]),
+        np.array([0.91, 0.55], np.float32),
+        np.array([[3, 4], [20, 30]]),
+        [rect, plus],
+    )
+    return Nuclei(inst, np.array([first_id, first_id + 1]), scale=scale, image="img", image_id=7)
+
+
+def run_verb(verb: str, args, capsys) -> tuple[int, str, str]:
+    """``cellseg VERB ARGS --no-progress`` in this process: (exit code, stdout, stderr)."""
+    from cellseg.cli import main
+
+    try:
+        main([verb, *map(str, args), "--no-progress"])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err

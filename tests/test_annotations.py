@@ -23,7 +23,7 @@ from cellseg.annotations import (
     Repairs,
     open_annotations,
 )
-from conftest import ROOT
+from conftest import ROOT, two_nuclei
 
 SHARED = ROOT.parent / "shared"
 GEOJSON_FIXTURES = SHARED / "fixtures" / "annotations"
@@ -339,21 +339,9 @@ def test_open_annotations_checks_the_suffix_and_that_the_file_exists(tmp_path) -
 
 def test_cellseg_s_own_geojson_reads_back(tmp_path) -> None:
     """The outputs' sink (as tests/test_outputs.py builds it): detections named by class, the same pixels."""
-    from cellseg.instances import Instances
-    from cellseg.outputs import Nuclei, SinkContext, open_sinks
+    from cellseg.outputs import SinkContext, open_sinks
 
-    rect = np.ones((4, 6), bool)
-    plus = np.zeros((5, 5), bool)
-    plus[2, :] = plus[:, 2] = True
-    inst = Instances(
-        40,
-        50,
-        np.array([2, 3]),
-        np.array([0.91, 0.55], np.float32),
-        np.array([[3, 4], [20, 30]]),
-        [rect, plus],
-    )
-    nuclei = Nuclei(inst, np.array([1, 2]), scale=2.0, image="img", image_id=7)
+    nuclei = two_nuclei()
     with open_sinks(
         ["geojson", "geojson.gz"], SinkContext(tmp_path, "slide", mpp=0.5, height=80, width=100)
     ) as s:

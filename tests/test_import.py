@@ -23,7 +23,7 @@ from cellseg.importer.rasterise import fill, paint
 from cellseg.importer.regions import region_tiles, tiles_for
 from cellseg.instances import Instances
 from cellseg.slide.synthetic import tissue_mosaic, write_annotation, write_slide
-from conftest import ROOT
+from conftest import ROOT, run_verb
 
 SHARED = ROOT.parent / "shared"
 SVS, XML = SHARED / "fixtures/slides/A9K0_2.svs", SHARED / "fixtures/slides/A9K0_2.xml"
@@ -151,15 +151,7 @@ def _params_file(tmp_path, **overrides) -> str:
 
 
 def _cli(args, capsys) -> tuple[int, str, str]:
-    from cellseg.cli import main
-
-    try:
-        main(["import", *map(str, args), "--no-progress"])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_verb("import", args, capsys)
 
 
 def _raw_truth(raw) -> list[tuple[str, np.ndarray]]:

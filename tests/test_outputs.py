@@ -12,24 +12,8 @@ import numpy as np
 import pytest
 
 from cellseg import CellsegError
-from cellseg.instances import Instances
-from cellseg.outputs import FORMATS, Nuclei, SinkContext, check_formats, formats_for, open_sinks
-
-
-def _batch(scale: float = 2.0, first_id: int = 1) -> Nuclei:
-    """Two disjoint nuclei: a 4×6 rectangle (class 2) and a plus-shaped one (class 3), in model pixels."""
-    rect = np.ones((4, 6), bool)
-    plus = np.zeros((5, 5), bool)
-    plus[2, :] = plus[:, 2] = True
-    inst = Instances(
-        40,
-        50,
-        np.array([2, 3]),
-        np.array([0.91, 0.55], np.float32),
-        np.array([[3, 4], [20, 30]]),
-        [rect, plus],
-    )
-    return Nuclei(inst, np.array([first_id, first_id + 1]), scale=scale, image="img", image_id=7)
+from cellseg.outputs import FORMATS, SinkContext, check_formats, formats_for, open_sinks
+from conftest import two_nuclei as _batch
 
 
 def _context(folder: Path) -> SinkContext:

@@ -10,21 +10,13 @@ import pytest
 
 from cellseg.data.synth import ImageSpec, generate
 from cellseg.slide.synthetic import write_slide
-from conftest import ROOT
+from conftest import ROOT, run_verb
 from slide_helpers import SVS, die_once_then_fake_predict, painted_tissue, run_slide, slide_settings
 
 
 def _cli(args, capsys, monkeypatch) -> tuple[int, str, str]:
-    from cellseg.cli import main
-
     monkeypatch.chdir(ROOT)  # params.yaml
-    try:
-        main(["slide", *map(str, args), "--no-progress"])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_verb("slide", args, capsys)
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,6 @@ class Annotated:
     regions: list = field(default_factory=list)
     outside: int = 0  # nuclei wholly outside the image
     clipped: int = 0  # nuclei cut at the image's edge
-    per_class: Counter = field(default_factory=Counter)  # annotation's class name -> count
     warnings: list[str] = field(default_factory=list)
 
 
@@ -60,18 +59,17 @@ def _open_image(source: Source, mpp: float | None, annotation_mpp: float | None)
     """The image as a slide; its µm/px from ``--mpp``, its metadata, or else the annotation's own."""
     try:
         return open_slide(source.image, mpp)
-    except SlideError as err:
-        if mpp is None and annotation_mpp is not None and "resolution" in str(err):
+    except SlideError:
+        if mpp is None and annotation_mpp is not None:  # any other fault fails the same way again
             return open_slide(source.image, annotation_mpp)
         raise
 
 
-def read_annotation(source: Source, slide, model_mpp: float, class_map: ClassMap) -> Annotated:
-    """The annotation's nuclei and regions, classified, clipped to the image and scaled to model pixels."""
+def read_annotation(source: Source, reader, slide, model_mpp: float, class_map: ClassMap) -> Annotated:
+    """``reader``'s nuclei and regions, classified, clipped to the image and scaled to model pixels."""
     from shapely import affinity
     from shapely.geometry import box
 
-    reader = open_annotations(source.annotation)
     factor = slide.mpp / model_mpp
     frame = box(0, 0, slide.width, slide.height)
     out = Annotated()
@@ -93,7 +91,6 @@ def read_annotation(source: Source, slide, model_mpp: float, class_map: ClassMap
             out.regions.append(geometry)
         else:
             out.nuclei.append((geometry, k, item.index))
-            out.per_class[item.class_name or class_map.default_class] += 1
     line = class_map.check(source.annotation)
     if line:
         out.warnings.append(line)
@@ -190,11 +187,11 @@ def import_source(
     from shapely import STRtree
     from tqdm import tqdm
 
-    annotation_mpp = open_annotations(source.annotation).mpp if mpp is None else None
-    slide = _open_image(source, mpp, annotation_mpp)
+    reader = open_annotations(source.annotation)
+    slide = _open_image(source, mpp, reader.mpp)
     try:
         model_mpp = params.data.mpp
-        annotated = read_annotation(source, slide, model_mpp, class_map)
+        annotated = read_annotation(source, reader, slide, model_mpp, class_map)
         height, width = model_size(slide, model_mpp)
         regions = _regions(source, annotated, height, width, params.import_.max_region_mpx)
         tiles, left_out = tiles_for(regions, height, width, params.import_.tile_size)
@@ -296,8 +293,3 @@ def import_sources(
             )
         (tmp / IMPORT_JSON).write_text(json.dumps(record, indent=1) + "\n")
     return record
-
-
-def read_import_record(raw_dir: Path) -> dict | None:
-    path = Path(raw_dir) / IMPORT_JSON
-    return json.loads(path.read_text()) if path.is_file() else None
