@@ -7,6 +7,9 @@ set -euo pipefail
 name=$1
 mkdir -p "$OUT/$name"
 cp -r submission metrics models/best.pt models/thresholds.json models/config.json params.yaml "$OUT/$name/"
+for ood in data/ood plots/ood; do  # the out-of-domain sets' per-image rows and pictures (issue 31), when scored
+  if [ -d "$ood" ]; then mkdir -p "$OUT/$name/$(dirname "$ood")" && cp -r "$ood" "$OUT/$name/$ood"; fi
+done
 thr=$(python -c "import json; print(json.load(open('models/thresholds.json'))['label_score_threshold'])")
 # label maps at the thresholds file's thresholds (what evaluate and cellseg predict use) -> test.json, and at the
 # one global threshold -> test_global.json: the per-class thresholds' effect on the same model

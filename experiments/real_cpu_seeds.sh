@@ -3,6 +3,7 @@
 #   usage: RAW=/abs/consep-dev OUT=/abs/results [MORE='-S key=value ...'] experiments/real_cpu_seeds.sh SEED [SEED ...]
 #   MORE: overrides on top of the recipe for every seed (an ablation at equal epochs, e.g. the recipe before a change)
 #   BUDGET: the recipe's minutes (make real-cpu BUDGET=...; default the Makefile's), TAG: a prefix of the runs' names
+#   SHARED: the absolute ../shared of the main checkout (its out-of-domain sets; a scratch clone has none beside it)
 #   Run it from the root of a scratch clone with nothing else running on the machine: each seed is one
 #   `dvc exp run` of the Makefile's REAL_CPU recipe plus `-S train.seed=SEED`; its wall time is the whole run
 #   (prepare -> submit), and abl_keep.sh keeps its files in $OUT/seedN and writes $OUT/seedN/test.json.
@@ -14,7 +15,8 @@ for seed in "$@"; do
   name="${TAG:-}seed$seed"
   git checkout -- params.yaml
   start=$(date +%s)
-  make real-cpu RAW="$RAW" ${BUDGET:+BUDGET=$BUDGET} EXTRA="-S train.seed=$seed ${MORE:-}" > "$OUT/$name.log" 2>&1
+  make real-cpu RAW="$RAW" ${BUDGET:+BUDGET=$BUDGET} ${SHARED:+SHARED=$SHARED} EXTRA="-S train.seed=$seed ${MORE:-}" \
+    > "$OUT/$name.log" 2>&1
   rc=$?
   wall=$(( $(date +%s) - start ))
   isa=$(grep -ow -E 'avx512_bf16|avx512f|avx2' /proc/cpuinfo | sort -u | tr '\n' ' ')

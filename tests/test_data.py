@@ -71,6 +71,39 @@ def test_stain_jitter_changes_the_image_colours_only(tmp_path: Path) -> None:
         torch.testing.assert_close(target_s[key], target[key])
 
 
+def test_colour_blur_and_compression_change_the_image_only(tmp_path: Path) -> None:
+    """Another scanner's colours, focus and JPEG: the image moves, instances and maps do not."""
+    overrides = {
+        "augment.color_p": 1.0,
+        "augment.blur_p": 1.0,
+        "augment.jpeg_p": 1.0,
+        "augment.elastic_p": 0.0,
+    }
+    augmentation = build_augmentation(load_params(ROOT / "params.yaml", overrides=overrides).augment)
+    assert [type(t) for t in augmentation.transforms] == [A.ColorJitter, A.GaussianBlur, A.ImageCompression]
+    (image, target), (image_a, target_a) = _dataset(tmp_path)[0], _dataset(tmp_path, augment=augmentation)[0]
+    assert (image_a - image).abs().mean() > 0.01
+    for key in ("masks", "boxes", "labels", "center", "boundary"):
+        torch.testing.assert_close(target_a[key], target[key])
+
+
+def test_scale_jitter_zooms_image_instances_and_maps_together(tmp_path: Path) -> None:
+    """A zoom of exactly 2: every instance mask is its original with each pixel doubled (nearest neighbour, ids
+    intact), the maps double in size with the image; with crops, a half-size window comes back at crop size."""
+    (_, target), (image_z, target_z) = (
+        _dataset(tmp_path)[0],
+        _dataset(tmp_path, scale_p=1.0, scale_range=(2.0, 2.0))[0],
+    )
+    assert image_z.shape == (3, 128, 160) and target_z["center"].shape == (128, 160)
+    doubled = {tuple(np.kron(m.numpy(), np.ones((2, 2), np.uint8)).ravel()) for m in target["masks"]}
+    assert {tuple(m.numpy().ravel()) for m in target_z["masks"]} == doubled
+    torch.testing.assert_close(target_z["labels"], target["labels"])
+    cropped, _ = _dataset(tmp_path, crop_size=32, scale_p=1.0, scale_range=(2.0, 2.0))[1]
+    assert cropped.shape == (3, 32, 32)
+    shrunk, _ = _dataset(tmp_path, crop_size=32, scale_p=1.0, scale_range=(0.5, 0.5))[1]
+    assert shrunk.shape == (3, 32, 32)  # a 64-px window, halved
+
+
 def test_warping_the_label_rows_equals_warping_each_instance_mask() -> None:
     """One nearest-neighbour warp of the label rows gives exactly the per-instance warped masks."""
     labels = _labels()

@@ -13,7 +13,10 @@ import yaml
 from conftest import ROOT
 
 SRC = ROOT / "src"
-DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+DVC = {  # a foreach stage's template (``do``) stands for all of its stages
+    name: stage.get("do", stage)
+    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()
+}
 
 
 def _module_file(dotted: str) -> Path | None:

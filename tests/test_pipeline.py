@@ -67,6 +67,8 @@ def repo(tmp_path_factory) -> Path:
         "submit",
         "synth_slides",
         "import",
+        "ood@demo_slide",
+        "ood_summary",
     ):
         assert f"Running stage '{stage}'" in repro
     _run(repo, "git", "add", "-A")
@@ -97,6 +99,9 @@ def test_repro_produces_metrics_plots_and_submission(repo: Path) -> None:
     assert list((repo / "plots" / "eval" / "overlays").glob("*.png"))
     shown = _run(repo, "dvc", "metrics", "show")
     assert "metrics/eval.json" in shown and "map_50" in shown
+    ood = json.loads((repo / "metrics" / "ood.json").read_text())  # the demo's out-of-domain set: its slide
+    assert set(ood) == {"demo_slide", "pooled"} and ood["pooled"]["n_true"] > 0
+    assert ood["pooled"]["n_true"] == ood["demo_slide"]["n_true"] and "metrics/ood.json" in shown
     assert "Data and pipelines are up to date" in _run(repo, "dvc", "repro")
 
 
@@ -163,6 +168,8 @@ UNSEEN_IN_THE_TRACED_RUN = {
         "augment.stain_method": "read only when augment.stain_p > 0 (0 in the tiny run)",
         "augment.stain_scale": "read only when augment.stain_p > 0",
         "augment.stain_shift": "read only when augment.stain_p > 0",
+        "augment.scale_min": "read only when augment.scale_p > 0 (0 in the tiny run)",
+        "augment.scale_max": "read only when augment.scale_p > 0",
         "model.trainable_layers": "read only with pretrained weights (model.pretrained: none here)",
         "train.budget_scope": "read only with a time budget (train.time_budget_min > 0)",
     },
@@ -173,6 +180,7 @@ UNSEEN_IN_THE_TRACED_RUN = {
     },
     "evaluate": {"postproc.recover_class": "read only for a recovered cell with no detection to vote"},
     "submit": {"postproc.recover_class": "read only for a recovered cell with no detection to vote"},
+    "ood": {"postproc.recover_class": "read only for a recovered cell with no detection to vote"},
     "import": {
         "import.input_dir": "read by DVC itself: ${import.input_dir} in the stage's cmd and deps",
     },
@@ -193,6 +201,7 @@ def test_each_stage_lists_exactly_the_params_it_reads(repo: Path) -> None:
     traces = repo.parent / f"{repo.name}-params-read"
     wrong = []
     for name, stage in stages.items():
+        stage = stage.get("do", stage)  # a foreach stage's template
         script = Path(stage["cmd"].split()[1]).stem
         read = set(json.loads((traces / f"{script}.json").read_text()))
         unseen = set(UNSEEN_IN_THE_TRACED_RUN.get(name, {}))
@@ -215,8 +224,11 @@ def _reruns(repo: Path, *overrides: str) -> set[str]:
         params = yaml.safe_load(original)
         for override in overrides:
             dotted, value = override.split("=", 1)
-            *section, key = dotted.split(".")
-            (params[section[0]] if section else params)[key] = yaml.safe_load(value)
+            *parents, key = dotted.split(".")
+            node = params
+            for parent in parents:
+                node = node[parent]
+            node[key] = yaml.safe_load(value)
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         return set(json.loads(_run(repo, "dvc", "status", "--json")))
     finally:
@@ -227,13 +239,14 @@ def _reruns(repo: Path, *overrides: str) -> set[str]:
     ("overrides", "expected"),
     [
         (("tune.score_grid=[0.4, 0.5]",), {"tune"}),  # evaluate and submit follow once tune's output changes
-        (("postproc.rescore=false",), {"tune", "evaluate", "submit"}),
-        (("predict.device=cpu",), {"tune", "evaluate", "submit", "slides"}),
+        (("postproc.rescore=false",), {"tune", "evaluate", "submit", "ood@demo_slide"}),
+        (("predict.device=cpu",), {"tune", "evaluate", "submit", "slides", "ood@demo_slide"}),
         (("evaluate.n_overlays=2",), {"evaluate"}),
+        (("evaluate.ood.demo_slide.mpp=0.25",), {"ood@demo_slide", "ood_summary"}),
         (("aux.w_boundary=0.3",), {"train"}),  # 0.2 is the workspace's since the experiment test
         (
             ("predict.tile_overlap=16",),
-            {"train", "tune", "evaluate", "submit", "slides"},
+            {"train", "tune", "evaluate", "submit", "slides", "ood@demo_slide"},
         ),  # validation tiles too
         # the stages that read `classes`; the rest take them from the checkpoint
         (("classes=[tumour, lymphocyte, stroma, other]",), {"import", "prepare", "train"}),
@@ -253,7 +266,7 @@ def test_a_postproc_code_edit_reruns_no_training(repo: Path) -> None:
         status = set(json.loads(_run(repo, "dvc", "status", "--json")))
     finally:
         source.write_text(original)
-    assert status == {"tune", "evaluate", "submit"}
+    assert status == {"tune", "evaluate", "submit", "ood@demo_slide"}  # the stages that post-process
 
 
 def test_a_postproc_switch_reruns_tune_evaluate_and_submit_only(repo: Path) -> None:

@@ -380,3 +380,51 @@ def test_the_same_results_give_a_byte_identical_zip(tmp_path: Path) -> None:
         results = json.loads(archive.read(RESULTS_FILE))
     assert [r["image_id"] for r in results] == [1, 3]  # image_id order, whatever the order of prediction
     assert results[0]["bbox"] == [1.0, 1.0, 2.0, 2.0] and results[0]["category_id"] == 2
+
+
+def test_images_at_another_resolution_are_predicted_at_the_models_and_written_at_their_own(
+    tmp_path: Path, capsys
+) -> None:
+    """The detector finds the same nuclei in model pixels whatever the image. An image at 0.5 µm/px for a 0.25
+    µm/px model is enlarged 2x to be predicted, and its nuclei come back at the image's pixels: every other model
+    pixel (nearest neighbour); at the model's resolution an image keeps the detector's pixels. A TIFF's own
+    resolution tags count unless --mpp is given; a PNG records none and says so."""
+    (tmp_path / "in").mkdir()
+    pixels = np.full((40, 50, 3), 128, np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "in" / "p.png")
+    import tifffile
+
+    tifffile.imwrite(
+        tmp_path / "in" / "t.tif", pixels, resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER"
+    )
+    params = tiny_params().predict
+
+    def class1(out: Path, stem: str) -> np.ndarray:
+        return read_label(out / stem / "class1.tif", (40, 50)) > 0
+
+    predict_folder(FixedDetector(), tmp_path / "in", tmp_path / "a", params, torch.device("cpu"),
+                   class_names=DEFAULT_CLASSES, model_mpp=0.25)  # fmt: skip
+    assert "1 of 2 images record no resolution (e.g. p.png)" in capsys.readouterr().err
+    as_is = class1(tmp_path / "a", "p")  # no resolution: predicted as it is, in model pixels
+    model_pixels = np.zeros((80, 100), bool)
+    model_pixels[:40, :50] = as_is
+    assert as_is.sum() > 50 and (class1(tmp_path / "a", "t") == model_pixels[::2, ::2]).all()
+    predict_folder(FixedDetector(), tmp_path / "in", tmp_path / "b", params, torch.device("cpu"),
+                   class_names=DEFAULT_CLASSES, model_mpp=0.25, image_mpp=0.25)  # fmt: skip
+    assert (class1(tmp_path / "b", "t") == as_is).all() and (class1(tmp_path / "b", "p") == as_is).all()
+    assert "record no resolution" not in capsys.readouterr().err
+
+
+def test_a_print_resolution_is_not_taken_for_a_microscopes(tmp_path: Path) -> None:
+    import tifffile
+
+    from cellseg.infer.folder import recorded_mpp
+
+    tifffile.imwrite(
+        tmp_path / "scan.tif", np.zeros((8, 8, 3), np.uint8), resolution=(300, 300), resolutionunit="INCH"
+    )
+    tifffile.imwrite(
+        tmp_path / "aperio.tif", np.zeros((8, 8, 3), np.uint8), description="Aperio Image |MPP = 0.2520"
+    )
+    assert recorded_mpp(tmp_path / "scan.tif") is None  # 84.7 µm/px: a document scanner's 300 dpi
+    assert recorded_mpp(tmp_path / "aperio.tif") == pytest.approx(0.252)

@@ -245,10 +245,23 @@ class AugmentParams(_Section):
     stain_method: str
     stain_scale: float
     stain_shift: float
+    color_p: float
+    color_strength: float
+    scale_p: float
+    scale_min: float
+    scale_max: float
+    blur_p: float
+    jpeg_p: float
 
     def __post_init__(self) -> None:
-        for key in ("elastic_p", "hflip_p", "vflip_p", "rotate90_p", "stain_p"):
+        probabilities = ("elastic_p", "hflip_p", "vflip_p", "rotate90_p", "stain_p", "color_p", "scale_p")
+        for key in (*probabilities, "blur_p", "jpeg_p"):
             _check(0.0 <= getattr(self, key) <= 1.0, f"augment.{key} must be a probability in [0, 1]")
+        _check(0.0 <= self.color_strength <= 0.5, "augment.color_strength must be in [0, 0.5]")
+        _check(
+            0.25 <= self.scale_min <= self.scale_max <= 4.0,
+            "augment needs 0.25 <= scale_min <= scale_max <= 4",
+        )
         _check(
             self.stain_method in STAIN_METHODS,
             f"augment.stain_method must be one of {', '.join(STAIN_METHODS)}; got {self.stain_method!r}",
@@ -431,13 +444,38 @@ class TuneParams(_Section):
 
 
 @dataclass(frozen=True)
+class OodSet:
+    """One out-of-domain set of ``evaluate.ood``: annotated images from another lab, scored by the ``ood`` stage
+    and never trained or tuned on."""
+
+    images: str  # a folder of images
+    annotations: str  # "": the annotation file beside each image; "REGEX=REPLACEMENT": from its relative path
+    mpp: float  # the images' µm/px where their files do not record it (0: they must)
+
+    def __post_init__(self) -> None:
+        _check(self.mpp == 0 or 0.01 <= self.mpp <= 100.0, "evaluate.ood: mpp must be 0 or in [0.01, 100]")
+        if self.annotations:
+            _check("=" in self.annotations, "evaluate.ood: annotations must be '' or 'REGEX=REPLACEMENT'")
+            try:
+                re.compile(self.annotations.split("=", 1)[0])
+            except re.error as err:
+                raise ParamsError(f"evaluate.ood: annotations' REGEX is not valid: {err}") from None
+
+
+@dataclass(frozen=True)
 class EvaluateParams(_Section):
-    """Validation scoring and its pictures."""
+    """Validation scoring and its pictures, and the out-of-domain sets."""
 
     n_overlays: int
     confusion_score_threshold: float
+    ood: dict[str, OodSet]
 
     def __post_init__(self) -> None:
+        for name in self.ood:
+            _check(
+                re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) is not None and name != "pooled",
+                f"evaluate.ood: {name!r} cannot name a set (letters, digits, _ . -; 'pooled' is the sets' total)",
+            )
         _check(self.n_overlays >= 0, "evaluate.n_overlays must be >= 0")
         _check(
             0.0 <= self.confusion_score_threshold < 1.0,
@@ -652,6 +690,11 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
             value = {}
         if not isinstance(value, dict):
             raise ParamsError(f"{key} must be a mapping, got {value!r}")
+        if dataclasses.is_dataclass(item):
+            return {
+                _coerce(k, key_kind, f"{key} key"): _from_dict(item, v, f"{key}.{k}")
+                for k, v in value.items()
+            }
         return {_coerce(k, key_kind, f"{key} key"): _coerce(v, item, f"{key}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"unsupported union type for {key}")

@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 import albumentations as A
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -61,13 +62,15 @@ def npz_memmaps(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def build_augmentation(params: AugmentParams) -> A.Compose | None:
-    """The reference's ``ElasticTransform`` plus optional flips, 90° rotations and H&E stain jitter; ``None``
-    when all are off.
+    """The reference's ``ElasticTransform`` plus optional flips, 90° rotations, H&E stain jitter, colour jitter,
+    blur and JPEG artefacts; ``None`` when all are off. (Scale jitter is the dataset's: :class:`CellDataset`.)
 
     Stain jitter (albumentations' ``HEStain``: the image is unmixed into haematoxylin and eosin, each stain's
-    intensity scaled and shifted, then mixed again) changes colours the way another lab's staining would; it is
-    an image-only transform, so masks and maps are untouched.
+    intensity scaled and shifted, then mixed again) changes colours the way another lab's staining would; colour
+    jitter, blur and compression imitate other scanners. These are image-only transforms, so masks and maps are
+    untouched.
     """
+    strength = params.color_strength
     candidates = [
         (params.hflip_p, lambda p: A.HorizontalFlip(p=p)),
         (params.vflip_p, lambda p: A.VerticalFlip(p=p)),
@@ -85,11 +88,30 @@ def build_augmentation(params: AugmentParams) -> A.Compose | None:
                 p=p,
             ),
         ),
+        (
+            params.color_p,
+            lambda p: A.ColorJitter(
+                brightness=(1 - strength, 1 + strength),
+                contrast=(1 - strength, 1 + strength),
+                saturation=(1 - strength, 1 + strength),
+                hue=(-strength / 4, strength / 4),
+                p=p,
+            ),
+        ),
+        (params.blur_p, lambda p: A.GaussianBlur(sigma_limit=(0.5, 1.5), p=p)),
+        (params.jpeg_p, lambda p: A.ImageCompression(quality_range=(50, 95), p=p)),
     ]
     transforms = [make(p) for p, make in candidates if p > 0]
     if not transforms:
         return None
     return A.Compose(transforms, additional_targets={"center": "mask", "boundary": "mask"})
+
+
+def scale_jitter(params: AugmentParams) -> dict:
+    """:class:`CellDataset`'s scale-jitter arguments (the range is read only when the jitter is on)."""
+    if params.scale_p == 0:
+        return {}
+    return {"scale_p": params.scale_p, "scale_range": (params.scale_min, params.scale_max)}
 
 
 def instance_targets(labels: np.ndarray) -> dict[str, torch.Tensor]:
@@ -133,11 +155,15 @@ class CellDataset(Dataset):
         crop_size: int | None = None,
         augment: A.Compose | None = None,
         seed: int = 0,
+        scale_p: float = 0.0,
+        scale_range: tuple[float, float] = (1.0, 1.0),
     ) -> None:
         self.files = visible_files(prepared_dir, (".npz",))
         self.maps_dir = Path(maps_dir) if maps_dir is not None else None
         self.crop_size = crop_size
         self.augment = augment
+        self.scale_p = scale_p
+        self.scale_range = scale_range
         self.seed = seed
         self.epoch = 0
 
@@ -169,12 +195,19 @@ class CellDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         sample = self.load(index)
         rng = np.random.default_rng([self.seed, self.epoch, index])
+        zoom = 1.0
+        if (
+            self.scale_p > 0 and rng.random() < self.scale_p
+        ):  # no draw when off: the streams stay as they were
+            zoom = float(rng.uniform(*self.scale_range))
         if self.crop_size is not None:
-            window = random_window(sample["image"].shape[:2], self.crop_size, rng)
+            window = random_window(sample["image"].shape[:2], max(1, round(self.crop_size / zoom)), rng)
             sample = {
                 k: v[..., window[0], window[1]] if k == "labels" else v[window] for k, v in sample.items()
             }
         sample = {k: np.array(v) for k, v in sample.items()}  # read the (cropped) pages; no map kept
+        if zoom != 1.0:
+            sample = zoomed(sample, zoom)
         if self.augment is not None:
             sample = self._augment(sample, int(rng.integers(2**31)))
         image = torch.from_numpy(np.ascontiguousarray(sample["image"].transpose(2, 0, 1))).float().div_(255.0)
@@ -192,6 +225,22 @@ class CellDataset(Dataset):
         result = {"image": out["image"], "labels": np.ascontiguousarray(out["mask"].transpose(2, 0, 1))}
         result.update({k: out[k] for k in MAP_NAMES if k in sample})
         return result
+
+
+def zoomed(sample: dict[str, np.ndarray], zoom: float) -> dict[str, np.ndarray]:
+    """Scale jitter: every array of the sample resized by ``zoom`` (image and maps smoothly, label rows by
+    nearest neighbour, so ids stay ids), as if the tissue had been scanned at another resolution."""
+    height, width = sample["image"].shape[:2]
+    size = (max(1, round(width * zoom)), max(1, round(height * zoom)))
+    smooth = cv2.INTER_AREA if zoom < 1 else cv2.INTER_LINEAR
+    out = {}
+    for key, value in sample.items():
+        if key == "labels":
+            rows = [cv2.resize(row, size, interpolation=cv2.INTER_NEAREST) for row in value.astype(np.int32)]
+            out[key] = np.stack(rows) if rows else np.zeros((0, size[1], size[0]), np.int32)
+        else:
+            out[key] = cv2.resize(value, size, interpolation=smooth)
+    return out
 
 
 def collate(batch: list) -> tuple[list, list]:

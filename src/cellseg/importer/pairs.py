@@ -8,6 +8,7 @@ is closer to another image of the folder belongs to that one.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,4 +104,29 @@ def sources_in(folder: Path) -> list[Source]:
     orphans = [p.name for p in files if annotation_suffix(p) and p not in claimed]
     if orphans:
         raise PairError(f"{folder}: annotation file(s) with no image: {', '.join(orphans)}")
+    return sources
+
+
+def sources_by_rule(folder: Path, rule: str) -> list[Source]:
+    """Every image under ``folder`` (recursively) whose path relative to it matches ``rule``'s ``REGEX``, with the
+    annotation at ``REPLACEMENT`` (``re.sub``, relative to ``folder``): annotations kept apart from the images,
+    e.g. ``Slide_(\\d+)/(.+)=GT_\\1/\\2`` for masks in a parallel folder. Images that do not match are skipped;
+    a matched image whose annotation is missing is an error."""
+    if not folder.is_dir():
+        raise PairError(f"{folder}: not a folder of annotated images")
+    pattern, replacement = rule.split("=", 1)
+    regex = re.compile(pattern)
+    sources = []
+    for image in sorted(p for p in folder.rglob("*") if p.is_file() and _is_image(p)):
+        relative = image.relative_to(folder).as_posix()
+        if not regex.search(relative):
+            continue
+        annotation = folder / regex.sub(replacement, relative, count=1)
+        if not annotation.is_file():
+            raise PairError(f"{image}: no annotation at {annotation} (rule {rule!r})")
+        if annotation == image:
+            raise PairError(f"{image}: the rule {rule!r} names the image itself as its annotation")
+        sources.append(Source(image, annotation))
+    if not sources:
+        raise PairError(f"{folder}: no image path matches {pattern!r}")
     return sources

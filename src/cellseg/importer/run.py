@@ -55,13 +55,14 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _open_image(source: Source, mpp: float | None, annotation_mpp: float | None):
-    """The image as a slide; its µm/px from ``--mpp``, its metadata, or else the annotation's own."""
+def _open_image(source: Source, mpp: float | None, annotation_mpp: float | None, default_mpp: float | None):
+    """The image as a slide; its µm/px from ``--mpp``, its metadata, the annotation's own, or ``default_mpp``."""
     try:
         return open_slide(source.image, mpp)
     except SlideError:
-        if mpp is None and annotation_mpp is not None:  # any other fault fails the same way again
-            return open_slide(source.image, annotation_mpp)
+        fallback = annotation_mpp if annotation_mpp is not None else default_mpp
+        if mpp is None and fallback is not None:  # any other fault fails the same way again
+            return open_slide(source.image, fallback)
         raise
 
 
@@ -182,13 +183,15 @@ def import_source(
     class_map: ClassMap,
     mpp: float | None,
     progress: bool,
+    default_mpp: float | None = None,
 ) -> SourceReport:
-    """Cut ``source`` into samples ``<prefix>_0000``, ... under ``train_dir``."""
+    """Cut ``source`` into samples ``<prefix>_0000``, ... under ``train_dir``; ``mpp`` overrides the image's
+    µm/px, ``default_mpp`` stands in where neither the image nor its annotation records one."""
     from shapely import STRtree
     from tqdm import tqdm
 
     reader = open_annotations(source.annotation)
-    slide = _open_image(source, mpp, reader.mpp)
+    slide = _open_image(source, mpp, reader.mpp, default_mpp)
     try:
         model_mpp = params.data.mpp
         annotated = read_annotation(source, reader, slide, model_mpp, class_map)
@@ -268,11 +271,19 @@ def import_source(
 
 
 def import_sources(
-    sources: list[Source], out_dir: Path, params, mpp: float | None = None, progress: bool = True
+    sources: list[Source],
+    out_dir: Path,
+    params,
+    mpp: float | None = None,
+    progress: bool = True,
+    class_map: ClassMap | None = None,
+    default_mpp: float | None = None,
 ) -> dict:
-    """Import every source into ``out_dir`` (replaced as a whole when everything succeeded)."""
+    """Import every source into ``out_dir`` (replaced as a whole when everything succeeded); ``class_map``
+    replaces the one of ``params`` (``classes`` and ``import.*``); ``mpp`` and ``default_mpp`` as
+    :func:`import_source` takes them."""
     names = sample_names(sources)
-    class_map = ClassMap.of(params)
+    class_map = class_map or ClassMap.of(params)
     record = {
         "cellseg_version": __version__,
         "classes": list(class_map.classes),
@@ -282,7 +293,9 @@ def import_sources(
     }
     with atomic_dir(out_dir) as tmp:
         for source in sources:
-            report = import_source(source, names[source], tmp / "train", params, class_map, mpp, progress)
+            report = import_source(
+                source, names[source], tmp / "train", params, class_map, mpp, progress, default_mpp
+            )
             for line in report.warnings:
                 print(line, file=sys.stderr)
             record["samples"] += report.samples

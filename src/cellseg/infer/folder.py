@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageOps
@@ -34,9 +36,10 @@ from cellseg.device import select_device
 from cellseg.fsutil import save_npz, write_json
 from cellseg.infer.predict import predict_images_maps
 from cellseg.infer.prob_maps import ProbMaps
+from cellseg.instances import Instances
 from cellseg.model.bundle import BESIDE, open_model
 from cellseg.model.maskrcnn import CellMaskRCNN
-from cellseg.nuclei import NucleusRule, nuclei
+from cellseg.nuclei import LabelMap, NucleusRule, nuclei
 from cellseg.outputs import Nuclei, SinkContext, open_sinks
 from cellseg.outputs.base import TempOutput
 from cellseg.params import PostprocParams, PredictParams, load_params
@@ -101,9 +104,75 @@ def write_prob_maps(folder: Path, maps: ProbMaps, maps_format: str) -> None:
         output.commit()
 
 
-def _read_all(paths: list[Path]) -> Iterator[np.ndarray]:
-    for path in paths:
-        yield read_any_image(path)
+MICROSCOPE_MPP = (0.05, 5.0)
+"""A resolution recorded in an image file is believed only in this range (µm/px): a 300-dpi scan says 84.7."""
+SAME_SCALE = 0.02
+"""An image within 2% of the model's µm/px is predicted as it is."""
+
+
+def recorded_mpp(path: Path) -> float | None:
+    """The µm/px a TIFF records (Aperio's or OME's description, else its resolution tags), when it is a
+    microscope's; None for other files (a PNG's or JPEG's dpi describes a print, not a microscope)."""
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return None
+    import tifffile
+
+    from cellseg.slide.reader import mpp_from_tags, parse_mpp_from_description
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            mpp = parse_mpp_from_description(page.description or "") or mpp_from_tags(page)
+    except Exception:  # an unreadable file fails with its own error when its pixels are read
+        return None
+    return mpp if mpp is not None and MICROSCOPE_MPP[0] <= mpp <= MICROSCOPE_MPP[1] else None
+
+
+def scale_factor(image_mpp: float | None, model_mpp: float) -> float:
+    """Model pixels per image pixel (1 when unknown or within :data:`SAME_SCALE`)."""
+    if image_mpp is None:
+        return 1.0
+    factor = image_mpp / model_mpp
+    return 1.0 if abs(factor - 1.0) <= SAME_SCALE else factor
+
+
+def resized(image: np.ndarray, factor: float) -> np.ndarray:
+    """The image at the model's scale: area-averaged when shrunk, bilinear when enlarged."""
+    if factor == 1.0:
+        return image
+    h, w = image.shape[:2]
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+
+
+def back_to_image(found: Instances, maps: ProbMaps | None, height: int, width: int):
+    """Nuclei (and maps) predicted at the model's scale, resampled to the image's ``height × width``: nearest
+    neighbour on the label map (a nucleus too small to keep a pixel centre is lost), bilinear on the maps."""
+    ids = np.zeros((found.height, found.width), np.int32)
+    for i, (crop, (oy, ox)) in enumerate(zip(found.crops, found.offsets, strict=True), start=1):
+        region = ids[oy : oy + crop.shape[0], ox : ox + crop.shape[1]]
+        region[crop] = i
+    ids = cv2.resize(ids, (width, height), interpolation=cv2.INTER_NEAREST)
+    kept = np.unique(ids[ids > 0])
+    lookup = np.zeros(len(found) + 1, np.int32)
+    lookup[kept] = np.arange(1, len(kept) + 1)
+    back = LabelMap(lookup[ids], found.labels[kept - 1], kept - 1).instances(found.scores)
+    if maps is not None:
+        maps = ProbMaps(
+            *(
+                cv2.resize(m, (width, height), interpolation=cv2.INTER_LINEAR)
+                for m in (maps.center, maps.boundary)
+            )
+        )
+    return back, maps
+
+
+def _read_all(paths: list[Path], factors: list[float], sizes: dict) -> Iterator[np.ndarray]:
+    """Each image at the model's scale; ``sizes`` gets its own ``(height, width)`` as it is read."""
+    for path, factor in zip(paths, factors, strict=True):
+        image = read_any_image(path)
+        sizes[path] = image.shape[:2]
+        yield resized(image, factor)
 
 
 def predict_folder(
@@ -117,6 +186,8 @@ def predict_folder(
     record: dict | None = None,
     *,
     class_names: tuple[str, ...],
+    model_mpp: float | None = None,
+    image_mpp: float | None = None,
 ) -> dict:
     """Predict every image of ``in_dir`` into ``out_dir/<stem>/``; return the instance count per image and
     class, by name (``class_names``: the model's, class 1 first).
@@ -125,6 +196,11 @@ def predict_folder(
     alone. ``postproc`` adds the map-guided steps; ``maps_format`` (``png`` or ``npz``) also writes the heads'
     maps; ``record`` (:func:`cellseg.provenance.provenance` and the settings) goes to ``provenance.json`` with
     the names of the images.
+
+    Each image is predicted at the model's resolution (``model_mpp``, µm/px): its own is ``image_mpp`` (the
+    user's ``--mpp``), else what its TIFF records (:func:`recorded_mpp`); an image at another resolution is
+    resampled to the model's and its nuclei back to the image's pixels. An image whose resolution is unknown is
+    predicted as it is, with one warning naming how many.
     """
     if maps_format is not None and not getattr(model, "has_aux", False):
         raise CellsegError(
@@ -132,16 +208,33 @@ def predict_folder(
         )
     paths = list_images(in_dir)
     out_dir = Path(out_dir)
+    mpps = [image_mpp or recorded_mpp(p) for p in paths]
+    factors = [scale_factor(m, model_mpp) if model_mpp else 1.0 for m in mpps]
+    unknown = [p.name for p, m in zip(paths, mpps, strict=True) if m is None]
+    if unknown and model_mpp:
+        print(
+            f"warning: {len(unknown)} of {len(paths)} images record no resolution (e.g. {unknown[0]}): predicted "
+            f"as if at the model's {model_mpp:g} µm/px; give --mpp if they are not",
+            file=sys.stderr,
+        )
     if record is not None:
-        write_json(out_dir / PROVENANCE_FILE, {**record, "images": [p.name for p in paths]})
+        record = {
+            **record,
+            "images": [p.name for p in paths],
+            "images_mpp": dict(zip([p.name for p in paths], mpps, strict=True)),
+        }
+        write_json(out_dir / PROVENANCE_FILE, record)
     rule = NucleusRule.of(params)
     counts = {}
-    predictions = predict_images_maps(model, _read_all(paths), params, device, postproc)
+    sizes: dict[Path, tuple[int, int]] = {}
+    predictions = predict_images_maps(model, _read_all(paths, factors, sizes), params, device, postproc)
     with open_sinks(["tifs"], SinkContext(out_dir, class_names=class_names)) as (tifs,):
-        for path, (inst, maps) in tqdm(
-            zip(paths, predictions, strict=True), total=len(paths), desc="predict", unit="img"
+        for path, factor, (inst, maps) in tqdm(
+            zip(paths, factors, predictions, strict=True), total=len(paths), desc="predict", unit="img"
         ):
             found = nuclei(inst, rule)
+            if factor != 1.0:
+                found, maps = back_to_image(found, maps, *sizes[path])
             tifs.add(Nuclei(found, np.arange(1, len(found) + 1), image=path.stem))
             if maps_format:
                 write_prob_maps(out_dir / path.stem, maps, maps_format)
@@ -170,11 +263,22 @@ def main(argv: list[str] | None = None, prog: str = "cellseg predict") -> None:
         "params.yaml)",
     )
     parser.add_argument(
+        "--mpp",
+        type=float,
+        help="the images' resolution in µm/px (default: what each TIFF records; otherwise the model's own is "
+        "assumed, with a warning): images at another resolution are resampled to the model's and their nuclei "
+        "written back at the image's pixels",
+    )
+    parser.add_argument(
         "--maps",
         choices=MAPS_FORMATS,
         help="also write the centre and boundary probabilities: <stem>/{center,boundary}.png or <stem>/maps.npz",
     )
     args = parser.parse_args(argv)
+    if args.mpp is not None and not MICROSCOPE_MPP[0] <= args.mpp <= MICROSCOPE_MPP[1]:
+        raise CellsegError(
+            f"--mpp {args.mpp} is not a microscope's µm/px ({MICROSCOPE_MPP[0]}..{MICROSCOPE_MPP[1]})"
+        )
     params = load_params()
     device = select_device(params.predict.device, "predict.device")
     model = open_model(args.checkpoint, params, device, args.thresholds or BESIDE)
@@ -189,5 +293,7 @@ def main(argv: list[str] | None = None, prog: str = "cellseg predict") -> None:
         args.maps,
         model.provenance(),
         class_names=model.class_names,
+        model_mpp=model.mpp,
+        image_mpp=args.mpp,
     )
     print(json.dumps(counts, indent=2))

@@ -121,7 +121,7 @@ def parse_mpp_from_description(description: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def _mpp_from_tags(page) -> float | None:
+def mpp_from_tags(page) -> float | None:
     """µm/px from the TIFF XResolution/ResolutionUnit tags (centimetre or inch), when plausible."""
     tags = page.tags
     if "XResolution" not in tags or "ResolutionUnit" not in tags:
@@ -210,7 +210,7 @@ def _open_tiff(path: Path, mpp: float | None) -> Slide:
             if found is None and tif.is_ome and tif.ome_metadata:
                 found = plausible_mpp(parse_mpp_from_description(tif.ome_metadata))
             if found is None:
-                found = plausible_mpp(_mpp_from_tags(page))
+                found = plausible_mpp(mpp_from_tags(page))
             if found is None:
                 raise SlideError(f"{path}: no resolution (µm/px) in its metadata; give it with --mpp")
             mpp = found

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from cellseg import MAP_NAMES, CellsegError
-from cellseg.data.dataset import CellDataset, build_augmentation, collate, npz_memmaps
+from cellseg.data.dataset import CellDataset, build_augmentation, collate, npz_memmaps, scale_jitter
 from cellseg.data.io import load_npz, visible_files
 from cellseg.data.sampling import RepeatFactorSampler, check_label_rows, classes_present, repeat_factors
 from cellseg.device import select_device
@@ -424,6 +424,7 @@ def _train(params: Params, paths: TrainPaths, device: torch.device, info: DistIn
         crop_size=tp.crop_size,
         augment=build_augmentation(params.augment),
         seed=tp.seed,
+        **scale_jitter(params.augment),
     )
     workers = resolve_workers(tp.workers, device)
     # The shuffle order is a function of (seed, epoch) alone, so a resumed run sees the same batches.
