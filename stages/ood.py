@@ -2,7 +2,7 @@
 
 The set's images are imported at the model's µm/px (as `cellseg import` would), predicted with the tuned
 thresholds and scored; the per-image rows and the set's summary go to one JSON file, which the `ood_summary`
-stage gathers into metrics/ood.json (cellseg.eval.ood).
+stage gathers into metrics/ood.json (cellseg.ood.score).
 
 Usage: python stages/ood.py <set> <checkpoint> <thresholds_json> <out_json> <overlays_dir>
 """
@@ -12,10 +12,10 @@ from pathlib import Path
 
 from cellseg.device import select_device
 from cellseg.entry import run
-from cellseg.eval.ood import score_set
 from cellseg.eval.ood_metrics import OodError
 from cellseg.fsutil import atomic_dir, write_json
 from cellseg.model.bundle import open_model
+from cellseg.ood.score import score_set
 from cellseg.params import load_params, replace
 
 

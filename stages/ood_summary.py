@@ -1,7 +1,7 @@
 """Stage `ood_summary`: the out-of-domain sets' results gathered into metrics/ood.json (a DVC metric).
 
 Each set of `evaluate.ood` (and only those: a file left by a set since removed is ignored) with its figures,
-and `pooled`: all their images together (cellseg.eval.ood.summarise_sets).
+and `pooled`: all their images together (cellseg.eval.ood_metrics.summarise_sets).
 
 Usage: python stages/ood_summary.py <results_dir> <metrics_json>
 """

@@ -19,6 +19,7 @@ LAYERS = {
     "slide": 4,
     "train": 5,
     "importer": 5,
+    "ood": 6,
     "bench": 6,
 }
 """Each sub-package's level: a module may import its own package and lower levels (same-level siblings neither:

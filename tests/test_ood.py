@@ -127,7 +127,7 @@ def test_the_figures_pool_counts_over_nuclei_and_flag_the_worst_big_image() -> N
 
 
 def test_a_set_the_training_data_was_imported_from_is_refused(tmp_path) -> None:
-    from cellseg.eval.ood import check_not_trained_on, ood_sources
+    from cellseg.ood.score import check_not_trained_on, ood_sources
 
     (tmp_path / "set").mkdir()
     _image(tmp_path / "set" / "a.png")
@@ -146,8 +146,8 @@ def test_a_set_of_masks_is_scored_against_its_truth(tiny_project, tmp_path, monk
     """Mask images in a parallel folder, no resolution in the files (the set's mpp stands in): with the truth as
     the prediction every figure is perfect, and with the tiny model the counts are the masks'."""
     import cellseg.infer.predict as predict_module
-    from cellseg.eval.ood import score_set
     from cellseg.model.bundle import open_model
+    from cellseg.ood.score import score_set
 
     rng = np.random.default_rng(3)
     truth_counts = []
@@ -183,7 +183,7 @@ def test_a_set_of_masks_is_scored_against_its_truth(tiny_project, tmp_path, monk
         samples[:] = real_list(raw, k)
         return samples
 
-    monkeypatch.setattr("cellseg.eval.ood.list_train_samples", remember)
+    monkeypatch.setattr("cellseg.ood.score.list_train_samples", remember)
     monkeypatch.setattr(predict_module, "predict_image", the_truth)
     perfect = score_set("masks", spec, bundle, params, "cpu", progress=False)["summary"]
     assert (perfect["pq"], perfect["f1"], perfect["aji"], perfect["n_found"]) == (
@@ -199,7 +199,7 @@ def test_a_set_of_masks_is_scored_against_its_truth(tiny_project, tmp_path, monk
 )
 def test_the_tnbc_masks_give_the_connected_components_the_readme_counts() -> None:
     spec = OodSet(str(SHARED / "datasets/tnbc"), r"^Slide_(\d+)/=GT_\1/", 0.25)
-    from cellseg.eval.ood import ood_sources
+    from cellseg.ood.score import ood_sources
 
     sources = ood_sources("tnbc", spec)
     assert len(sources) == 50

@@ -117,7 +117,7 @@ def recorded_mpp(path: Path) -> float | None:
         return None
     import tifffile
 
-    from cellseg.slide.reader import mpp_from_tags, parse_mpp_from_description
+    from cellseg.resolution import mpp_from_tags, parse_mpp_from_description
 
     try:
         with tifffile.TiffFile(path) as tif:

@@ -19,7 +19,6 @@ import functools
 import logging
 import math
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import cv2
 import numpy as np
 
 from cellseg import CellsegError
+from cellseg.resolution import mpp_from_tags, parse_mpp_from_description
 
 PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", *PLAIN_IMAGE_SUFFIXES)
@@ -109,32 +109,6 @@ def _to_rgb(region: np.ndarray, path: Path) -> np.ndarray:
     if region.ndim == 3 and region.shape[2] in (3, 4):
         return np.ascontiguousarray(region[..., :3])
     raise SlideError(f"{path}: pixels of shape {region.shape} are not RGB")
-
-
-def parse_mpp_from_description(description: str) -> float | None:
-    """Aperio's ``MPP = 0.2520`` in the ImageDescription, or OME's ``PhysicalSizeX="0.25"`` (µm)."""
-    match = re.search(r"\bMPP\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)", description)
-    if match is None:
-        match = re.search(r'PhysicalSizeX="([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"', description)
-        if match is not None and re.search(r'PhysicalSizeXUnit="(?!µm|um)', description):
-            return None  # another unit: not worth guessing
-    return float(match.group(1)) if match else None
-
-
-def mpp_from_tags(page) -> float | None:
-    """µm/px from the TIFF XResolution/ResolutionUnit tags (centimetre or inch), when plausible."""
-    tags = page.tags
-    if "XResolution" not in tags or "ResolutionUnit" not in tags:
-        return None
-    num, den = tags["XResolution"].value
-    unit = int(tags["ResolutionUnit"].value)
-    if not num or not den:
-        return None
-    per_unit = num / den  # pixels per unit
-    um_per_unit = {2: 25400.0, 3: 10000.0}.get(unit)
-    if um_per_unit is None:
-        return None
-    return um_per_unit / per_unit
 
 
 def plausible_mpp(mpp: float | None) -> float | None:
