@@ -25,8 +25,9 @@ class OodError(CellsegError, ValueError):
 
 
 def figures(counts: Counts) -> dict:
-    out = {key: getattr(counts, key) for key in FIGURES}
-    return {key: (-1.0 if v is None else round(float(v), 6)) for key, v in out.items()}
+    """``counts.figures()`` of :data:`FIGURES`, rounded, undefined as -1 (JSON metrics)."""
+    out = counts.figures()
+    return {key: -1.0 if out[key] is None else round(float(out[key]), 6) for key in FIGURES}
 
 
 def set_summary(rows: list[dict]) -> dict:

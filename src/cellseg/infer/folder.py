@@ -36,10 +36,9 @@ from cellseg.device import select_device
 from cellseg.fsutil import save_npz, write_json
 from cellseg.infer.predict import predict_images_maps
 from cellseg.infer.prob_maps import ProbMaps
-from cellseg.instances import Instances
 from cellseg.model.bundle import BESIDE, open_model
 from cellseg.model.maskrcnn import CellMaskRCNN
-from cellseg.nuclei import LabelMap, NucleusRule, nuclei
+from cellseg.nuclei import LabelMap, NucleusRule, label_map
 from cellseg.outputs import Nuclei, SinkContext, open_sinks
 from cellseg.outputs.base import TempOutput
 from cellseg.params import PostprocParams, PredictParams, load_params
@@ -145,18 +144,15 @@ def resized(image: np.ndarray, factor: float) -> np.ndarray:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
 
 
-def back_to_image(found: Instances, maps: ProbMaps | None, height: int, width: int):
-    """Nuclei (and maps) predicted at the model's scale, resampled to the image's ``height × width``: nearest
-    neighbour on the label map (a nucleus too small to keep a pixel centre is lost), bilinear on the maps."""
-    ids = np.zeros((found.height, found.width), np.int32)
-    for i, (crop, (oy, ox)) in enumerate(zip(found.crops, found.offsets, strict=True), start=1):
-        region = ids[oy : oy + crop.shape[0], ox : ox + crop.shape[1]]
-        region[crop] = i
-    ids = cv2.resize(ids, (width, height), interpolation=cv2.INTER_NEAREST)
+def back_to_image(labels: LabelMap, maps: ProbMaps | None, height: int, width: int):
+    """The nuclei's label map (and maps) predicted at the model's scale, resampled to the image's ``height ×
+    width``: nearest neighbour on the ids (a nucleus too small to keep a pixel centre is lost), bilinear on the
+    maps."""
+    ids = cv2.resize(labels.ids, (width, height), interpolation=cv2.INTER_NEAREST)
     kept = np.unique(ids[ids > 0])
-    lookup = np.zeros(len(found) + 1, np.int32)
+    lookup = np.zeros(len(labels) + 1, np.int32)
     lookup[kept] = np.arange(1, len(kept) + 1)
-    back = LabelMap(lookup[ids], found.labels[kept - 1], kept - 1).instances(found.scores)
+    back = LabelMap(lookup[ids], labels.classes[kept - 1], labels.source[kept - 1])
     if maps is not None:
         maps = ProbMaps(
             *(
@@ -232,9 +228,10 @@ def predict_folder(
         for path, factor, (inst, maps) in tqdm(
             zip(paths, factors, predictions, strict=True), total=len(paths), desc="predict", unit="img"
         ):
-            found = nuclei(inst, rule)
+            labels = label_map(inst, rule)
             if factor != 1.0:
-                found, maps = back_to_image(found, maps, *sizes[path])
+                labels, maps = back_to_image(labels, maps, *sizes[path])
+            found = labels.instances(inst.scores)  # the nuclei (cellseg.nuclei.nuclei), at the image's pixels
             tifs.add(Nuclei(found, np.arange(1, len(found) + 1), image=path.stem))
             if maps_format:
                 write_prob_maps(out_dir / path.stem, maps, maps_format)
